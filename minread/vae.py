@@ -1,0 +1,372 @@
+"""Causal temporal VAE: video (B, 3, T, H, W) <-> latents (B, C, F, h, w).
+
+READ (arXiv 2508.03457) builds its speed on a temporal VAE that compresses video
+32x32x8 pixels per latent token (the LTX-Video geometry), so the A2V-DiT sees few
+tokens. That compression ratio is the paper's; everything else here is our
+reconstruction, following LTX-Video and DESIGN.md section 4:
+
+- Causal in time. Every 3D convolution pads only on the past side, so latent frame f
+  never sees a video frame after it. A clip of T = 1 + s_t*k frames maps to F = 1 + k
+  latent frames: the first latent frame encodes frame 0 alone, so a still image is a
+  1-frame video (the reference image uses the same encoder).
+- Streaming. Because nothing looks ahead, encode and decode run chunk by chunk with a
+  carried cache (the last k_t - 1 inputs of each convolution) and give the same result
+  as the whole clip, in memory bounded by the chunk.
+- Cheap steps. The input is folded 4x4 pixels into channels (LTX-Video's patchify), so
+  at 32 px the convolutions run on an 8x8 grid; normalisation is GroupNorm per frame
+  (statistics never mix frames, so causality holds); the posterior log-variance starts
+  low (-6) and the output layer at mid-grey (zero), which keeps early training stable.
+- Down/up-sampling is space-to-depth / depth-to-space: a time step folds frames
+  (2j-1, 2j) into latent j, with frame 0 repeated into the past for latent 0.
+- Loss: L1 with extra weight on a region mask (the mouth in the toy world; optional),
+  plus a small KL to a unit Gaussian. Latents for the DiT are standardised per channel
+  with buffers fitted after training (`encode_latents` / `decode_latents`).
+
+Training, evaluation and checkpoints live in minread/vae_train.py style functions at
+the bottom of this file: `train_vae`, `evaluate_vae`, `load_vae`.
+"""
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass
+class VAEConfig:
+    image_size: int = 32            # H = W of the frames the preset is meant for
+    spatial: int = 8                # s: pixels per latent cell along H and along W
+    temporal: int = 4               # s_t: video frames per latent frame (after frame 0)
+    latent_channels: int = 16       # C
+    patch: int = 4                  # pixels folded into channels at input and output
+    widths: tuple = (48, 64, 96)    # conv width per level, finest first (len = levels)
+    blocks: int = 1                 # residual blocks per level
+    groups: int = 8                 # GroupNorm groups (statistics per frame)
+    logvar_init: float = -6.0       # initial posterior log-variance
+
+    def __post_init__(self):
+        self.widths = tuple(self.widths)
+        for name in ("spatial", "temporal", "patch"):
+            v = getattr(self, name)
+            if v < 1 or v & (v - 1):
+                raise ValueError(f"VAEConfig.{name}={v}: must be a power of two (1, 2, 4, ...)")
+        if self.spatial % self.patch:
+            raise ValueError(f"VAEConfig: patch={self.patch} must divide spatial={self.spatial}")
+        if len(self.widths) != self.levels:
+            raise ValueError(f"VAEConfig: spatial={self.spatial}, patch={self.patch}, temporal={self.temporal} "
+                             f"need {self.levels} widths (one per level), got {len(self.widths)}: {self.widths}")
+        if any(w % self.groups for w in self.widths):
+            raise ValueError(f"VAEConfig: every width in {self.widths} must be a multiple of groups={self.groups}")
+
+    @property
+    def space_downs(self):
+        return int(math.log2(self.spatial // self.patch))
+
+    @property
+    def time_downs(self):
+        return int(math.log2(self.temporal))
+
+    @property
+    def levels(self):
+        return max(self.space_downs, self.time_downs) + 1
+
+
+def tiny():
+    """32 px, 8x8x4, C = 16: trains on a laptop CPU."""
+    return VAEConfig()
+
+
+def small():
+    """128 px, 32x32x8, C = 64: the paper's compression at a size one GPU trains quickly."""
+    return VAEConfig(image_size=128, spatial=32, temporal=8, latent_channels=64,
+                     widths=(64, 96, 128, 192), blocks=1)
+
+
+def paper():
+    """512 px, 32x32x8, C = 128: READ's geometry, for shapes and parameter counts."""
+    return VAEConfig(image_size=512, spatial=32, temporal=8, latent_channels=128,
+                     widths=(128, 256, 384, 512), blocks=2, groups=32)
+
+
+PRESETS = {"tiny": tiny, "small": small, "paper": paper}
+
+
+# ----------------------------------------------------------------------------- blocks
+
+class CausalConv3d(nn.Module):
+    """3D convolution padded on the past side only; `cache` carries the past across chunks."""
+
+    def __init__(self, c_in, c_out, kernel=3):
+        super().__init__()
+        self.kt = kernel
+        self.conv = nn.Conv3d(c_in, c_out, kernel, padding=(0, kernel // 2, kernel // 2))
+
+    def forward(self, x, cache=None):
+        """x (B, c_in, T, H, W) -> (B, c_out, T, H, W)."""
+        past = self.kt - 1
+        if past:
+            if cache is not None and self in cache:
+                pad = cache[self]                                   # last inputs of the previous chunk
+            else:                                                   # clip start: repeat frame 0 into the past
+                pad = x[:, :, :1].expand(-1, -1, past, -1, -1)
+            x = torch.cat([pad, x], dim=2)                          # (B, c_in, past+T, H, W)
+            if cache is not None:
+                cache[self] = x[:, :, -past:].detach()
+        return self.conv(x)
+
+
+class FrameNorm(nn.Module):
+    """GroupNorm whose statistics are taken per frame, so no frame sees another."""
+
+    def __init__(self, channels, groups):
+        super().__init__()
+        self.norm = nn.GroupNorm(groups, channels, eps=1e-6)
+
+    def forward(self, x):
+        B, C, T, H, W = x.shape
+        y = self.norm(x.transpose(1, 2).reshape(B * T, C, H, W))   # (B*T, C, H, W)
+        return y.reshape(B, T, C, H, W).transpose(1, 2)             # (B, C, T, H, W)
+
+
+class ResBlock(nn.Module):
+    def __init__(self, c_in, c_out, groups):
+        super().__init__()
+        self.norm1, self.conv1 = FrameNorm(c_in, groups), CausalConv3d(c_in, c_out)
+        self.norm2, self.conv2 = FrameNorm(c_out, groups), CausalConv3d(c_out, c_out)
+        self.skip = nn.Conv3d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
+
+    def forward(self, x, cache=None):
+        h = self.conv1(F.silu(self.norm1(x)), cache)
+        h = self.conv2(F.silu(self.norm2(h)), cache)
+        return self.skip(x) + h
+
+
+class Downsample(nn.Module):
+    """Space-to-depth by (st, ss, ss) then a pointwise conv. In time, latent j gets frames
+    (2j-1, 2j); frame 0 is repeated into the past so latent 0 sees frame 0 alone."""
+
+    def __init__(self, c_in, c_out, space, time):
+        super().__init__()
+        self.ss, self.st = (2 if space else 1), (2 if time else 1)
+        self.proj = nn.Conv3d(c_in * self.ss * self.ss * self.st, c_out, 1)
+
+    def forward(self, x, cache=None):
+        B, C, T, H, W = x.shape
+        st, ss = self.st, self.ss
+        if st == 2:
+            first = cache is None or self not in cache
+            if cache is not None:
+                cache[self] = True
+            if first:
+                x = torch.cat([x[:, :, :1], x], dim=2)              # (B, C, 1+T, H, W)
+            if x.shape[2] % 2:
+                raise ValueError(f"streaming encode: a chunk after the first needs a multiple of the "
+                                 f"temporal factor frames (got one that leaves {T} frames at a level)")
+        T2 = x.shape[2] // st
+        x = x.reshape(B, C, T2, st, H // ss, ss, W // ss, ss)
+        x = x.permute(0, 1, 3, 5, 7, 2, 4, 6)                       # (B, C, st, ss, ss, T2, h, w)
+        x = x.reshape(B, C * st * ss * ss, T2, H // ss, W // ss)
+        return self.proj(x)
+
+
+class Upsample(nn.Module):
+    """Pointwise conv then depth-to-space: latent j -> frames (2j-1, 2j); frame -1 is dropped."""
+
+    def __init__(self, c_in, c_out, space, time):
+        super().__init__()
+        self.ss, self.st = (2 if space else 1), (2 if time else 1)
+        self.c_out = c_out
+        self.proj = nn.Conv3d(c_in, c_out * self.ss * self.ss * self.st, 1)
+
+    def forward(self, x, cache=None):
+        B, _, T, H, W = x.shape
+        st, ss, C = self.st, self.ss, self.c_out
+        x = self.proj(x).reshape(B, C, st, ss, ss, T, H, W)
+        x = x.permute(0, 1, 5, 2, 6, 3, 7, 4)                       # (B, C, T, st, H, ss, W, ss)
+        x = x.reshape(B, C, T * st, H * ss, W * ss)
+        if st == 2:
+            first = cache is None or self not in cache
+            if cache is not None:
+                cache[self] = True
+            if first:
+                x = x[:, :, 1:]                                     # latent 0 decodes to frame 0 alone
+        return x
+
+
+def patchify(video, p):
+    """(B, 3, T, H, W) -> (B, 3*p*p, T, H/p, W/p): pixels of each p x p patch become channels."""
+    B, c, T, H, W = video.shape
+    x = video.reshape(B, c, T, H // p, p, W // p, p).permute(0, 1, 4, 6, 2, 3, 5)
+    return x.reshape(B, c * p * p, T, H // p, W // p)
+
+
+def unpatchify(x, p):
+    """(B, 3*p*p, T, H/p, W/p) -> (B, 3, T, H, W)."""
+    B, cpp, T, h, w = x.shape
+    x = x.reshape(B, cpp // (p * p), p, p, T, h, w).permute(0, 1, 4, 5, 2, 6, 3)
+    return x.reshape(B, cpp // (p * p), T, h * p, w * p)
+
+
+# ----------------------------------------------------------------------------- model
+
+class Encoder(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        w, g = cfg.widths, cfg.groups
+        self.conv_in = CausalConv3d(3 * cfg.patch ** 2, w[0])
+        self.blocks, self.downs = nn.ModuleList(), nn.ModuleList()
+        for i in range(cfg.levels):
+            self.blocks.append(nn.ModuleList(ResBlock(w[i], w[i], g) for _ in range(cfg.blocks)))
+            if i < cfg.levels - 1:
+                self.downs.append(Downsample(w[i], w[i + 1], i < cfg.space_downs, i < cfg.time_downs))
+        self.mid = ResBlock(w[-1], w[-1], g)
+        self.norm_out = FrameNorm(w[-1], g)
+        self.conv_out = CausalConv3d(w[-1], 2 * cfg.latent_channels)
+        C = cfg.latent_channels                                    # start the posterior nearly deterministic
+        nn.init.zeros_(self.conv_out.conv.bias[:C])
+        nn.init.constant_(self.conv_out.conv.bias[C:], cfg.logvar_init)
+        self.conv_out.conv.weight.data[C:] *= 0.01
+
+    def forward(self, x, cache=None):
+        """x (B, 3*p*p, T, H/p, W/p) -> (B, 2C, F, h, w)."""
+        x = self.conv_in(x, cache)
+        for i, blocks in enumerate(self.blocks):
+            for block in blocks:
+                x = block(x, cache)
+            if i < len(self.downs):
+                x = self.downs[i](x, cache)
+        x = self.mid(x, cache)
+        return self.conv_out(F.silu(self.norm_out(x)), cache)
+
+
+class Decoder(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        w, g = cfg.widths, cfg.groups
+        self.conv_in = CausalConv3d(cfg.latent_channels, w[-1])
+        self.mid = ResBlock(w[-1], w[-1], g)
+        self.blocks, self.ups = nn.ModuleList(), nn.ModuleList()
+        for i in reversed(range(cfg.levels)):                      # coarsest level first
+            if i < cfg.levels - 1:
+                self.ups.append(Upsample(w[i + 1], w[i], i < cfg.space_downs, i < cfg.time_downs))
+            self.blocks.append(nn.ModuleList(ResBlock(w[i], w[i], g) for _ in range(cfg.blocks)))
+        self.norm_out = FrameNorm(w[0], g)
+        self.conv_out = CausalConv3d(w[0], 3 * cfg.patch ** 2)
+        nn.init.zeros_(self.conv_out.conv.weight)                   # start at mid-grey (0 in [-1, 1])
+        nn.init.zeros_(self.conv_out.conv.bias)
+
+    def forward(self, z, cache=None):
+        """z (B, C, F, h, w) -> (B, 3*p*p, T, H/p, W/p)."""
+        x = self.mid(self.conv_in(z, cache), cache)
+        for i, blocks in enumerate(self.blocks):
+            if i > 0:
+                x = self.ups[i - 1](x, cache)
+            for block in blocks:
+                x = block(x, cache)
+        return self.conv_out(F.silu(self.norm_out(x)), cache)
+
+
+class VAE(nn.Module):
+    """Causal video VAE. `cache` (a dict, start with {}) makes encode/decode stream chunk by chunk."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        self.encoder, self.decoder = Encoder(cfg), Decoder(cfg)
+        C = cfg.latent_channels
+        self.register_buffer("latent_mean", torch.zeros(C))        # fitted after training
+        self.register_buffer("latent_std", torch.ones(C))
+
+    def latent_frames(self, T):
+        return 1 + (T - 1) // self.cfg.temporal
+
+    def _check_video(self, video, cache):
+        cfg = self.cfg
+        if video.dim() != 5 or video.shape[1] != 3:
+            hint = " (a still image (B, 3, H, W) is a 1-frame video: video.unsqueeze(2))" if video.dim() == 4 else ""
+            raise ValueError(f"VAE.encode: expected video (B, 3, T, H, W), got shape {tuple(video.shape)}{hint}")
+        T, H, W = video.shape[2:]
+        if H % cfg.spatial or W % cfg.spatial:
+            raise ValueError(f"VAE.encode: frame size {H}x{W} is not a multiple of the spatial factor "
+                             f"{cfg.spatial}; resize or crop the frames")
+        first = not cache
+        if first and (T - 1) % cfg.temporal:
+            k = (T - 1) // cfg.temporal
+            raise ValueError(f"VAE.encode: got T={T} frames; the causal VAE needs T = 1 + {cfg.temporal}k "
+                             f"frames (e.g. {1 + cfg.temporal * k} or {1 + cfg.temporal * (k + 1)}): trim or pad the clip")
+        if not first and T % cfg.temporal:
+            raise ValueError(f"VAE.encode: a streaming chunk after the first needs a multiple of "
+                             f"{cfg.temporal} frames, got {T}")
+
+    def encode(self, video, cache=None):
+        """video (B, 3, T, H, W) in [-1, 1] -> posterior (mean, logvar), each (B, C, F, h, w)."""
+        self._check_video(video, cache)
+        h = self.encoder(patchify(video, self.cfg.patch), cache)   # (B, 2C, F, h, w)
+        mean, logvar = h.chunk(2, dim=1)
+        return mean, logvar.clamp(-30.0, 20.0)
+
+    def decode(self, z, cache=None):
+        """z (B, C, F, h, w) -> video (B, 3, T, H, W) with T = 1 + s_t*(F-1) (first chunk)."""
+        if z.dim() != 5 or z.shape[1] != self.cfg.latent_channels:
+            raise ValueError(f"VAE.decode: expected latents (B, {self.cfg.latent_channels}, F, h, w), "
+                             f"got shape {tuple(z.shape)}")
+        return unpatchify(self.decoder(z, cache), self.cfg.patch)
+
+    def forward(self, video, sample=True):
+        """video -> (reconstruction, mean, logvar); samples z from the posterior when `sample`."""
+        mean, logvar = self.encode(video)
+        z = mean + torch.randn_like(mean) * torch.exp(0.5 * logvar) if sample else mean
+        return self.decode(z), mean, logvar
+
+    # latents handed to the DiT: posterior mean, standardised per channel
+    def encode_latents(self, video, cache=None):
+        """video (B, 3, T, H, W) -> z (B, C, F, h, w), roughly unit variance per channel."""
+        mean, _ = self.encode(video, cache)
+        return (mean - self.latent_mean.view(1, -1, 1, 1, 1)) / self.latent_std.view(1, -1, 1, 1, 1)
+
+    def decode_latents(self, z, cache=None):
+        """Inverse of encode_latents: standardised z (B, C, F, h, w) -> video (B, 3, T, H, W)."""
+        if z.dim() != 5 or z.shape[1] != self.cfg.latent_channels:
+            raise ValueError(f"VAE.decode_latents: expected latents (B, {self.cfg.latent_channels}, F, h, w), "
+                             f"got shape {tuple(z.shape)}")
+        z = z * self.latent_std.view(1, -1, 1, 1, 1) + self.latent_mean.view(1, -1, 1, 1, 1)
+        return self.decode(z, cache)
+
+    @torch.no_grad()
+    def fit_latent_norm(self, videos):
+        """Fit latent_mean / latent_std per channel from an iterable of videos (B, 3, T, H, W)."""
+        s, s2, n = 0.0, 0.0, 0
+        for video in videos:
+            mean, _ = self.encode(video)
+            m = mean.transpose(0, 1).reshape(self.cfg.latent_channels, -1).double()  # (C, B*F*h*w)
+            s, s2, n = s + m.sum(1), s2 + (m * m).sum(1), n + m.shape[1]
+        mu = s / n
+        self.latent_mean.copy_(mu.float())
+        self.latent_std.copy_((s2 / n - mu * mu).clamp_min(1e-8).sqrt().float())
+
+
+def decode_stream(vae, latent_chunks, normalised=False):
+    """Decode an iterable of latent chunks (B, C, f_i, h, w) one by one with a carried cache.
+    Yields video chunks; their concatenation equals decoding all latents at once."""
+    cache = {}
+    for z in latent_chunks:
+        yield vae.decode_latents(z, cache) if normalised else vae.decode(z, cache)
+
+
+def encode_stream(vae, video_chunks):
+    """Encode video chunks (first 1 + s_t*j frames, then multiples of s_t) with a carried
+    cache; yields posterior means (B, C, f_i, h, w) equal to slices of encoding the whole."""
+    cache = {}
+    for video in video_chunks:
+        yield vae.encode(video, cache)[0]
+
+
+def count_parameters(cfg):
+    """(encoder, decoder, total) parameter counts of a config, built on the meta device."""
+    with torch.device("meta"):
+        m = VAE(cfg)
+    enc = sum(p.numel() for p in m.encoder.parameters())
+    dec = sum(p.numel() for p in m.decoder.parameters())
+    return enc, dec, enc + dec

@@ -1,0 +1,167 @@
+"""Temporal VAE: shapes, causality, streaming equals whole, errors, overfitting, checkpoints."""
+
+import pytest
+import torch
+
+from minread import vae as V
+
+
+def _random_decoder_out(model):
+    # The output layer starts at zero (mid-grey); give it weights so equality tests see signal.
+    for p in model.decoder.conv_out.parameters():
+        torch.nn.init.normal_(p, std=0.1)
+    return model
+
+
+def _video(B, T, H, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(B, 3, T, H, H, generator=g) * 2 - 1
+
+
+@pytest.mark.parametrize("name", ["tiny", "small"])
+def test_shapes_presets(name):
+    cfg = V.PRESETS[name]()
+    model = V.VAE(cfg).eval()
+    H, k = cfg.image_size, 2
+    x = _video(1, 1 + cfg.temporal * k, H)
+    with torch.no_grad():
+        mean, logvar = model.encode(x)
+        assert mean.shape == logvar.shape == (1, cfg.latent_channels, 1 + k, H // cfg.spatial, H // cfg.spatial)
+        assert model.decode(mean).shape == x.shape
+
+
+def test_paper_geometry_shapes_and_size():
+    cfg = V.paper()
+    assert (cfg.image_size, cfg.spatial, cfg.temporal, cfg.latent_channels) == (512, 32, 8, 128)
+    with torch.device("meta"):                      # shapes without allocating memory
+        model = V.VAE(cfg)
+        mean, _ = model.encode(torch.empty(1, 3, 17, 512, 512))
+        assert mean.shape == (1, 128, 3, 16, 16)    # 256 tokens per latent frame
+        assert model.decode(mean).shape == (1, 3, 17, 512, 512)
+    enc, dec, total = V.count_parameters(cfg)
+    assert enc > 0 and dec > 0 and total == enc + dec
+
+
+@pytest.mark.parametrize("spatial,temporal,patch", [(1, 1, 1), (2, 2, 1), (4, 8, 4), (16, 2, 4), (8, 4, 4)])
+def test_configurable_factors(spatial, temporal, patch):
+    levels = max(int(torch.tensor(spatial // patch).log2()), int(torch.tensor(temporal).log2())) + 1
+    cfg = V.VAEConfig(image_size=32, spatial=spatial, temporal=temporal, patch=patch, latent_channels=4,
+                      widths=(8,) * levels, groups=4)
+    model = V.VAE(cfg).eval()
+    x = _video(1, 1 + 2 * temporal, 32)
+    with torch.no_grad():
+        mean, _ = model.encode(x)
+        assert mean.shape == (1, 4, 3, 32 // spatial, 32 // spatial)
+        assert model.decode(mean).shape == x.shape
+
+
+def test_causality_prefix_gives_prefix():
+    cfg = V.tiny()
+    model = _random_decoder_out(V.VAE(cfg).eval())
+    x = _video(2, 1 + 4 * 5, 32)
+    with torch.no_grad():
+        whole, _ = model.encode(x)
+        for j in range(5):
+            part, _ = model.encode(x[:, :, :1 + 4 * j])
+            assert torch.allclose(part, whole[:, :, :1 + j], atol=1e-6)
+        # and the decoder: the first 1 + j latents decode to the first 1 + 4j frames
+        full = model.decode(whole)
+        assert torch.allclose(model.decode(whole[:, :, :3]), full[:, :, :9], atol=1e-6)
+        # changing a late frame leaves earlier latents untouched
+        y = x.clone()
+        y[:, :, 13:] = 0
+        changed, _ = model.encode(y)
+        assert torch.equal(changed[:, :, :4], whole[:, :, :4]) and not torch.equal(changed, whole)
+
+
+def test_streaming_decode_equals_whole():
+    model = _random_decoder_out(V.VAE(V.tiny()).eval())
+    z = torch.randn(2, 16, 9, 4, 4)
+    with torch.no_grad():
+        whole = model.decode(z)
+        for sizes in [(1,) * 9, (1, 3, 5), (4, 5), (2, 2, 2, 3)]:
+            chunks = torch.split(z, list(sizes), dim=2)
+            streamed = torch.cat(list(V.decode_stream(model, chunks)), dim=2)
+            assert streamed.shape == whole.shape == (2, 3, 33, 32, 32)
+            assert (streamed - whole).abs().max() <= 1e-5
+
+
+def test_streaming_encode_equals_whole():
+    model = V.VAE(V.tiny()).eval()
+    x = _video(1, 1 + 4 * 6, 32)
+    with torch.no_grad():
+        whole, _ = model.encode(x)
+        for bounds in [(1, 5, 9, 13, 17, 21, 25), (9, 25), (5, 17, 25)]:
+            chunks = [x[:, :, a:b] for a, b in zip((0,) + bounds[:-1], bounds)]
+            streamed = torch.cat(list(V.encode_stream(model, chunks)), dim=2)
+            assert (streamed - whole).abs().max() <= 1e-5
+
+
+def test_streaming_decode_memory_is_bounded_by_chunk():
+    model = _random_decoder_out(V.VAE(V.tiny()).eval())
+    cache = {}
+    with torch.no_grad():
+        for _ in range(3):
+            model.decode(torch.randn(1, 16, 2, 4, 4), cache)
+        sizes = [v.shape[2] for v in cache.values() if torch.is_tensor(v)]
+    assert sizes and max(sizes) <= 2              # the cache holds kernel-1 frames per conv, not the past
+
+
+def test_image_is_one_latent_frame():
+    model = V.VAE(V.tiny()).eval()
+    image = _video(3, 1, 32)
+    with torch.no_grad():
+        mean, _ = model.encode(image)
+        assert mean.shape == (3, 16, 1, 4, 4)
+        assert model.decode(mean).shape == (3, 3, 1, 32, 32)
+        # the image's latent is the first latent of any clip starting with that image
+        clip = torch.cat([image, _video(3, 8, 32, seed=1)], dim=2)
+        assert torch.allclose(model.encode(clip)[0][:, :, :1], mean, atol=1e-6)
+
+
+def test_normalised_latents_roundtrip():
+    model = V.VAE(V.tiny()).eval()
+    videos = [_video(2, 9, 32, seed=s) for s in range(3)]
+    model.fit_latent_norm(videos)
+    with torch.no_grad():
+        z = torch.cat([model.encode_latents(v) for v in videos], 0)
+        per_channel = z.transpose(0, 1).reshape(16, -1)
+        assert per_channel.mean(1).abs().max() < 1e-3
+        assert (per_channel.std(1, unbiased=False) - 1).abs().max() < 1e-3
+        mean, _ = model.encode(videos[0])
+        assert torch.allclose(model.decode_latents(model.encode_latents(videos[0])), model.decode(mean), atol=1e-5)
+
+
+def test_wrong_frame_count_is_a_clear_error():
+    model = V.VAE(V.tiny())
+    with pytest.raises(ValueError, match=r"T = 1 \+ 4k"):
+        model.encode(_video(1, 8, 32))
+    with pytest.raises(ValueError, match="multiple of 4 frames"):
+        cache = {}
+        model.encode(_video(1, 5, 32), cache)
+        model.encode(_video(1, 3, 32), cache)
+
+
+def test_wrong_channels_and_sizes_are_clear_errors():
+    model = V.VAE(V.tiny())
+    with pytest.raises(ValueError, match=r"\(B, 3, T, H, W\)"):
+        model.encode(torch.zeros(1, 4, 9, 32, 32))
+    with pytest.raises(ValueError, match="unsqueeze"):
+        model.encode(torch.zeros(1, 3, 32, 32))
+    with pytest.raises(ValueError, match="multiple of the spatial factor"):
+        model.encode(torch.zeros(1, 3, 9, 30, 30))
+    with pytest.raises(ValueError, match=r"\(B, 16, F, h, w\)"):
+        model.decode(torch.zeros(1, 8, 3, 4, 4))
+    with pytest.raises(ValueError, match="power of two"):
+        V.VAEConfig(spatial=6)
+    with pytest.raises(ValueError, match="widths"):
+        V.VAEConfig(widths=(32, 64))
+
+
+def test_framenorm_is_per_frame():
+    norm = V.FrameNorm(16, 4)
+    x = torch.randn(2, 16, 5, 4, 4)
+    y = norm(x)
+    x2 = x.clone()
+    x2[:, :, 3] *= 10
+    assert torch.allclose(norm(x2)[:, :, :3], y[:, :, :3])
