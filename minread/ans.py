@@ -85,12 +85,14 @@ def heun_step(x, velocity, next_velocity, levels, next_levels):
 # ----------------------------------------------------------------------------- schedules
 
 def _staggered(F, n, stride, S):
-    """Clip c (frames c·n .. c·n+n-1) starts at step c·stride and falls linearly from 1 to 0
-    in S steps: levels[m, f] = clamp(1 - (m - c·stride)/S, 0, 1). -> (steps+1, F)."""
+    """Clip c (frames c·n .. c·n+n-1) starts at step ⌈c·stride⌉ and falls linearly from 1 to
+    0 in S steps: levels[m, f] = clamp(1 - (m - ⌈c·stride⌉)/S, 0, 1). -> (steps+1, F).
+    Starts are whole steps, so every level is a multiple of 1/S and no more than ⌈S/stride⌉
+    clips are ever in flight."""
     if F < 1 or n < 1 or S < 1 or not stride > 0:
         raise ValueError(f"need F >= 1, n >= 1, S >= 1, stride > 0; got F={F}, n={n}, S={S}, stride={stride}")
-    start = (torch.arange(F, dtype=torch.float64) // n) * stride  # (F,) first step of each frame's clip
-    steps = math.ceil(start[-1].item() + S - 1e-9)
+    start = ((torch.arange(F, dtype=torch.float64) // n) * stride - 1e-9).ceil()  # (F,) first step of its clip
+    steps = int(start[-1]) + S
     m = torch.arange(steps + 1, dtype=torch.float64)[:, None]  # (steps+1, 1)
     return (1 - (m - start[None]) / S).clamp(0, 1).float()  # (steps+1, F)
 
