@@ -16,8 +16,9 @@ The same function drives three implementations that must agree (tests/test_atten
            gradients are needed (compiled flex has no CPU backward in torch 2.13) and for
            small inputs (a compiled call costs more fixed overhead than a tiny SDPA),
            compiled flex for large CPU inference. Unmasked attention always uses SDPA.
-There is also "flex_eager" (FlexAttention without compile: slow, differentiable on CPU;
-used by the tests).
+Two more for teaching and testing: "flex_eager" (FlexAttention without compile; forward
+only on CPU) and "blockwise" (the block-sparse online-softmax algorithm of the fused
+kernel written out in PyTorch; differentiable everywhere, slow).
 
 Rules shared by all implementations:
 - Masks here are the same for every batch element and head (b and h are ignored), so
@@ -44,7 +45,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
-IMPLS = ("auto", "flex", "flex_eager", "sdpa", "math")
+IMPLS = ("auto", "flex", "flex_eager", "sdpa", "math", "blockwise")
 BLOCK_SIZE = 128  # FlexAttention's tile; one block-mask entry covers 128 x 128 scores
 
 # Below this many scores per head (Lq * Lkv), a compiled flex call on CPU loses to SDPA
@@ -101,8 +102,8 @@ def clip_causal(tokens_per_frame, frames_per_clip, context_frames=0):
     ctx = n * p            # context tokens
     per_clip = n * c       # tokens per clip
 
-    def clip_of(idx):      # context -> -1, then 0, 1, ... ; floor division keeps it -1
-        return (idx - ctx + per_clip) // per_clip - 1
+    def clip_of(idx):      # context tokens -> clip -1, then clips 0, 1, 2, ...
+        return ((idx - ctx) // per_clip).clamp(min=-1)
 
     def mask_mod(b, h, q_idx, kv_idx):
         return clip_of(kv_idx) <= clip_of(q_idx)
@@ -287,6 +288,40 @@ def flex(q, k, v, mask=None, compiled=True):
     return fn(q, k, v, block_mask=bm)
 
 
+def blockwise_attention(q, k, v, mask=None):
+    """What the fused FlexAttention kernel computes, written out (and differentiable on
+    CPU): each 128-row query block visits only the key blocks its BlockMask lists,
+    evaluates the mask only on partial blocks, and merges blocks with an online softmax
+    (running max m, running sum l), so the (Lq, Lkv) score matrix never exists."""
+    B, nh, Lq, hd = q.shape
+    Lkv, n = k.shape[-2], BLOCK_SIZE
+    bm = block_mask(mask or full(), Lq, Lkv, q.device)
+    partial = [row[:c].tolist() for row, c in zip(bm.kv_indices[0, 0], bm.kv_num_blocks[0, 0])]
+    whole = ([row[:c].tolist() for row, c in zip(bm.full_kv_indices[0, 0], bm.full_kv_num_blocks[0, 0])]
+             if bm.full_kv_indices is not None else [[] for _ in partial])
+    outs = []
+    for i in range(-(-Lq // n)):
+        rows = torch.arange(i * n, min(Lq, (i + 1) * n), device=q.device)
+        qi = q[:, :, i * n:(i + 1) * n] / math.sqrt(hd)             # (B, nh, n, hd)
+        m = qi.new_full((B, nh, len(rows), 1), float("-inf"))      # running max
+        l = qi.new_zeros((B, nh, len(rows), 1))                    # running softmax sum
+        acc = qi.new_zeros((B, nh, len(rows), hd))                 # running weighted sum
+        for j, is_full in [(j, False) for j in partial[i]] + [(j, True) for j in whole[i]]:
+            cols = torch.arange(j * n, min(Lkv, (j + 1) * n), device=q.device)
+            s = qi @ k[:, :, cols].transpose(-2, -1)               # (B, nh, n, n)
+            if not is_full:
+                s = s.masked_fill(~mask(0, 0, rows[:, None], cols[None, :]), float("-inf"))
+            m_new = torch.maximum(m, s.amax(-1, keepdim=True))
+            m_safe = m_new.masked_fill(m_new == float("-inf"), 0.0)  # rows with nothing seen yet
+            p = torch.exp(s - m_safe)
+            corr = torch.exp(m - m_safe)                           # rescale what came before
+            l = l * corr + p.sum(-1, keepdim=True)
+            acc = acc * corr + p @ v[:, :, cols]                   # (B, nh, n, hd)
+            m = m_new
+        outs.append(acc / l.clamp_min(torch.finfo(l.dtype).tiny))  # no key seen -> zeros
+    return torch.cat(outs, dim=2)                                  # (B, nh, Lq, hd)
+
+
 def _needs_grad(*tensors):
     return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
@@ -327,14 +362,16 @@ def attention(q, k, v, mask=None, impl="auto"):
     _check(q, k, v, mask, impl)
     if impl == "auto":
         impl = choose_impl(q, k, mask, _needs_grad(q, k, v))
-    if impl == "flex" and q.device.type == "cpu" and _needs_grad(q, k, v):
-        raise ValueError("attention: compiled FlexAttention has no backward on CPU in this "
-                         "torch; use impl='auto' or 'sdpa' for CPU training, 'flex_eager' "
-                         "to test flex gradients, or run under torch.no_grad()")
+    if impl in ("flex", "flex_eager") and q.device.type == "cpu" and _needs_grad(q, k, v):
+        raise ValueError("attention: FlexAttention has no backward on CPU in this torch; use "
+                         "impl='auto' or 'sdpa' for CPU training, 'blockwise' for the same "
+                         "block-sparse algorithm in plain PyTorch, or run under torch.no_grad()")
     if impl == "flex":
         return flex(q, k, v, mask, compiled=True)
     if impl == "flex_eager":
         return flex(q, k, v, mask, compiled=False)
     if impl == "sdpa":
         return sdpa_attention(q, k, v, mask)
+    if impl == "blockwise":
+        return blockwise_attention(q, k, v, mask)
     return math_attention(q, k, v, mask)
