@@ -1,0 +1,103 @@
+"""SpeechAE benchmark: held-out reconstruction and a linear probe for phonetic content.
+
+`python -m minread.bench speech_ae --ckpt runs/speech_ae_tiny/ckpt.pt`
+
+- Reconstruction: log-mel MSE (log10 units²) and mean absolute error (dB) on the held-out
+  clips of data_toy (voices and sentences never seen in training).
+- Probe: a ridge regression from ONE speech latent (Da numbers) to the mean mouth opening
+  of the video frames it covers (latent 0: frame 0; latent j: frames 1 + s_t(j-1) .. s_t·j),
+  fitted on the train clips and scored (Pearson r) on the held-out clips. Next to it the
+  same probe on raw frame energy: the log power of each of those s_t video frames. The
+  SpeechAE never saw mouth labels; if the latent beats energy clearly, it carries
+  phonetic content, not just loudness.
+"""
+
+import argparse
+import time
+
+import numpy as np
+import torch
+
+from minread.bench import machine, report
+from minread.speech_ae import SAMPLES_PER_FRAME, evaluate, clip_mels, load_speech_ae
+
+
+def toy_clips(data_root, split):
+    """(audio (S,), opening (T,)) of every clip of a data_toy split."""
+    from minread.data import ToyClipDataset
+    ds = ToyClipDataset(data_root, split)
+    return [(ds[i]["audio"], ds[i]["opening"]) for i in range(len(ds))]
+
+
+def spans(F, s_t):
+    """Video frames covered by each latent: [(0, 1), (1, 1 + s_t), ...]."""
+    return [(0, 1)] + [(1 + s_t * (j - 1), 1 + s_t * j) for j in range(1, F)]
+
+
+@torch.no_grad()
+def probe_features(model, clips):
+    """Per latent: standardised latent (Da,), frame log-energies (s_t,), mean opening; stacked over clips."""
+    s_t = model.cfg.s_t
+    lat, energy, target = [], [], []
+    for audio, opening in clips:
+        audio, opening = torch.as_tensor(audio), torch.as_tensor(opening)
+        T = 1 + s_t * ((len(opening) - 1) // s_t)
+        audio, opening = audio[: T * SAMPLES_PER_FRAME], opening[:T]
+        z = model.speech_latents(audio[None])[0]                                 # (F, Da)
+        power = audio.reshape(T, SAMPLES_PER_FRAME).square().mean(1)
+        log_e = torch.log10(power + 1e-8)                                         # (T,)
+        for j, (a, b) in enumerate(spans(z.shape[0], s_t)):
+            lat.append(z[j])
+            e = log_e[a:b]
+            energy.append(e.repeat(s_t)[:s_t] if len(e) < s_t else e)              # latent 0: frame 0 repeated
+            target.append(opening[a:b].float().mean())
+    return torch.stack(lat).double(), torch.stack(energy).double(), torch.stack(target).double()
+
+
+def ridge(X, y, lam=1.0):
+    """Ridge regression on standardised features; returns a predict function."""
+    mu, sd = X.mean(0), X.std(0).clamp_min(1e-8)
+    Xs = torch.cat([(X - mu) / sd, torch.ones(len(X), 1, dtype=X.dtype)], 1)
+    reg = lam * torch.eye(Xs.shape[1], dtype=X.dtype)
+    reg[-1, -1] = 0                                                               # no penalty on the bias
+    w = torch.linalg.solve(Xs.T @ Xs + reg, Xs.T @ y)
+    return lambda Z: torch.cat([(Z - mu) / sd, torch.ones(len(Z), 1, dtype=Z.dtype)], 1) @ w
+
+
+def pearson(a, b):
+    a, b = a - a.mean(), b - b.mean()
+    return float((a * b).sum() / (a.norm() * b.norm() + 1e-12))
+
+
+def probe(model, train_clips, test_clips, lam=1.0):
+    """Held-out Pearson r of the latent probe and of the energy probe."""
+    lat_tr, en_tr, y_tr = probe_features(model, train_clips)
+    lat_te, en_te, y_te = probe_features(model, test_clips)
+    return {"probe_r_latent": pearson(ridge(lat_tr, y_tr, lam)(lat_te), y_te),
+            "probe_r_energy": pearson(ridge(en_tr, y_tr, lam)(en_te), y_te),
+            "probe_train_latents": len(y_tr), "probe_test_latents": len(y_te)}
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(prog="python -m minread.bench speech_ae", description=__doc__.split("\n")[0])
+    ap.add_argument("--ckpt", default="runs/speech_ae_tiny/ckpt.pt", help="trained SpeechAE checkpoint")
+    ap.add_argument("--data", default="data_toy", help="toy data root with train/ and test/ splits")
+    ap.add_argument("--lam", type=float, default=1.0, help="ridge penalty on standardised features")
+    ap.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    t0 = time.time()
+    model = load_speech_ae(args.ckpt)
+    train_clips, test_clips = toy_clips(args.data, "train"), toy_clips(args.data, "test")
+    rec = evaluate(model, clip_mels([a for a, _ in test_clips], model.cfg))
+    figures = {"bench": "speech_ae", "ckpt": args.ckpt, "s_t": model.cfg.s_t, "Da": model.cfg.latent_dim,
+               "latent_hz": 25 / model.cfg.s_t, "params": sum(p.numel() for p in model.parameters()),
+               "heldout_logmel_mse": rec["mse"], "heldout_logmel_mae_db": rec["mae_db"],
+               **probe(model, train_clips, test_clips, args.lam)}
+    figures["probe_margin"] = figures["probe_r_latent"] - figures["probe_r_energy"]
+    figures["seconds"] = time.time() - t0
+    figures["machine"] = machine()
+    print(f"held-out log-mel reconstruction: MSE {rec['mse']:.4f} (log10 units²), MAE {rec['mae_db']:.2f} dB")
+    print(f"probe r (one latent -> mean opening), held-out: latent {figures['probe_r_latent']:.3f}, "
+          f"energy {figures['probe_r_energy']:.3f}, margin {figures['probe_margin']:+.3f}")
+    report(figures)
