@@ -22,16 +22,27 @@ reconstruction, following LTX-Video and DESIGN.md section 4:
   plus a small KL to a unit Gaussian. Latents for the DiT are standardised per channel
   with buffers fitted after training (`encode_latents` / `decode_latents`).
 
-Training, evaluation and checkpoints live in minread/vae_train.py style functions at
-the bottom of this file: `train_vae`, `evaluate_vae`, `load_vae`.
+Training, evaluation and checkpoints are plain functions at the bottom of this file:
+`vae_loss`, `train_vae` (explicit loop, atomic checkpoints, exact resume),
+`evaluate_vae` (held-out PSNR and LipCorr) and `load_vae`.
 """
 
 import math
-from dataclasses import dataclass
+import os
+import random
+import time
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
+
+import numpy as np
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from tqdm import tqdm
+
+from minread.data import ToyClipDataset
+from minread.metrics import lip_corr, mouth_mask, psnr, read_opening
 
 
 @dataclass
@@ -370,3 +381,204 @@ def count_parameters(cfg):
     enc = sum(p.numel() for p in m.encoder.parameters())
     dec = sum(p.numel() for p in m.decoder.parameters())
     return enc, dec, enc + dec
+
+
+# ----------------------------------------------------------------------------- training
+
+@dataclass
+class VAETrainConfig:
+    steps: int = 3000               # optimiser steps (the LR schedule spans them)
+    batch_size: int = 16            # clips per step
+    frames: int = 9                 # T per training window (1 + s_t*k)
+    lr: float = 2e-3                # peak AdamW learning rate
+    warmup: int = 100               # linear warm-up steps, then cosine decay to lr * min_lr
+    min_lr: float = 0.05
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    kl_weight: float = 1e-4         # on the mean KL per latent element
+    mouth_weight: float = 8.0       # extra L1 weight inside the mouth mask (0 = plain L1)
+    eval_every: int = 500
+    ckpt_every: int = 500
+    eval_frames: int = 49           # T per held-out clip (1 + s_t*k, trimmed from each clip)
+    seed: int = 0
+    data_root: str = "data_toy"     # a rendered toy set (see data.render_dataset)
+    eval_root: str = ""             # held-out clips: this set's test split ("" = data_root's)
+
+
+def mouth_region(video, radius=2):
+    """Where the reserved mouth colour appears anywhere in the clip, dilated by `radius` px so
+    the lips count too: video (B, 3, T, H, W) in [-1, 1] -> (B, 1, 1, H, W) in {0, 1}.
+    On real footage nothing is that green, the mask is empty and the loss is plain L1."""
+    inside = mouth_mask(video.transpose(0, 1)) > 0.5                      # (B, T, H, W)
+    seen = inside.any(dim=1, keepdim=True).float()                        # (B, 1, H, W)
+    seen = F.max_pool2d(seen, 2 * radius + 1, stride=1, padding=radius)
+    return seen.unsqueeze(2)                                              # (B, 1, 1, H, W)
+
+
+def lr_at(step, t):
+    if step < t.warmup:
+        return t.lr * (step + 1) / t.warmup
+    progress = (step - t.warmup) / max(1, t.steps - t.warmup)
+    return t.lr * (t.min_lr + (1 - t.min_lr) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def vae_loss(model, video, mask=None, mouth_weight=8.0, kl_weight=1e-4):
+    """L1 reconstruction, weighted 1 + mouth_weight inside `mask` (B, 1, 1|T, H, W) if given,
+    plus kl_weight * KL(q(z|x) || N(0, I)) per latent element. Returns (loss, parts)."""
+    recon, mean, logvar = model(video)
+    err = (recon - video).abs()                                           # (B, 3, T, H, W)
+    weight = 1.0 if mask is None else 1.0 + mouth_weight * mask
+    rec = (err * weight).mean()
+    kl = 0.5 * (mean.pow(2) + logvar.exp() - 1.0 - logvar).mean()
+    return rec + kl_weight * kl, {"l1": err.mean().item(), "kl": kl.item()}
+
+
+class ClipBank:
+    """Every clip of a toy split held in memory as uint8, for fast random windows."""
+
+    def __init__(self, root, split, size):
+        clips = ToyClipDataset(root, split=split, size=size, frames=1).clips
+        self.video = [((c["video"] + 1) * 127.5).round().to(torch.uint8) for c in clips]  # (3, Tc, H, W) each
+        self.opening = [c["opening"] for c in clips]                                      # (Tc,) each
+        self.identity = [int(c["identity"]) for c in clips]
+
+    def __len__(self):
+        return len(self.video)
+
+    def batch(self, gen, B, T, device):
+        """B random windows of T frames, randomly mirrored: (B, 3, T, H, W) in [-1, 1]."""
+        idx = torch.randint(len(self), (B,), generator=gen).tolist()
+        u, flip = torch.rand(B, generator=gen).tolist(), (torch.rand(B, generator=gen) < 0.5).tolist()
+        clips = []
+        for i, a, f in zip(idx, u, flip):
+            v = self.video[i]
+            s = int(a * (v.shape[1] - T + 1))
+            clips.append(v[:, s:s + T].flip(-1) if f else v[:, s:s + T])
+        return torch.stack(clips).to(device).float() / 127.5 - 1.0       # (B, 3, T, H, W)
+
+
+@torch.no_grad()
+def evaluate_vae(model, bank, frames=None):
+    """Held-out figures from posterior-mean reconstructions of every clip in `bank`:
+    PSNR (dB), LipCorr of the opening read back from reconstructions against the truth,
+    and the same LipCorr on the true frames (the ceiling of the read-back)."""
+    was_training, device = model.training, next(model.parameters()).device
+    model.eval()
+    psnrs, lc, lc_true = [], [], []
+    for v8, opening in zip(bank.video, bank.opening):
+        Tc = v8.shape[1] if frames is None else min(frames, v8.shape[1])
+        T = 1 + (Tc - 1) // model.cfg.temporal * model.cfg.temporal
+        video = v8[None, :, :T].to(device).float() / 127.5 - 1.0       # (1, 3, T, H, W)
+        mean, _ = model.encode(video)
+        recon = model.decode(mean).clamp(-1, 1)[0].cpu()
+        psnrs.append(float(psnr(recon, video[0].cpu())))
+        lc.append(float(lip_corr(read_opening(recon), opening[:T])))
+        lc_true.append(float(lip_corr(read_opening(video[0].cpu()), opening[:T])))
+    model.train(was_training)
+    mean_of = lambda xs: float(np.nanmean(xs))
+    return {"psnr": mean_of(psnrs), "lip_corr": mean_of(lc), "lip_corr_true_frames": mean_of(lc_true),
+            "clips": len(psnrs)}
+
+
+def config_diff(stored, cfg):
+    """Names and values of the settings where a stored config dict and `cfg` differ."""
+    now = asdict(cfg)
+    return [f"{k}: checkpoint {stored.get(k)!r} vs requested {now[k]!r}" for k in now
+            if (list(stored.get(k)) if isinstance(stored.get(k), (list, tuple)) else stored.get(k))
+            != (list(now[k]) if isinstance(now[k], tuple) else now[k])]
+
+
+def save_checkpoint(path, **state):
+    """Write atomically: a temp file, then os.replace, so no half-written checkpoint is left."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_vae(path, cfg=None, device="cpu"):
+    """A trained VAE from a checkpoint. With `cfg`, refuse a checkpoint of another config."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"no VAE checkpoint at {path!r}; train one with minread.vae.train_vae")
+    ckpt = torch.load(path, map_location=device, weights_only=True)
+    if "vae_config" not in ckpt:
+        raise ValueError(f"{path!r} is not a VAE checkpoint (no 'vae_config' entry)")
+    stored = ckpt["vae_config"]
+    if cfg is not None and config_diff(stored, cfg):
+        raise ValueError(f"{path!r} was trained with another VAE config; differing settings: "
+                         + "; ".join(config_diff(stored, cfg)))
+    model = VAE(VAEConfig(**stored)).to(device)
+    model.load_state_dict(ckpt["model"])
+    return model.eval()
+
+
+def train_vae(cfg, out_dir="runs/vae_tiny", tcfg=None, device=None, resume=True, until=None,
+              banks=None, progress=True, **overrides):
+    """Train the VAE on the toy world; returns a dict of figures. `overrides` set
+    VAETrainConfig fields (steps=, seed=, ...). Resumes exactly from out_dir/ckpt.pt;
+    `until` stops early at that step (as if interrupted) while keeping the schedule;
+    `banks` = (train, test) ClipBanks already in memory (else read from the data roots)."""
+    t = replace(tcfg or VAETrainConfig(), **overrides)
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if (t.frames - 1) % cfg.temporal:
+        raise ValueError(f"VAETrainConfig.frames={t.frames} must be 1 + {cfg.temporal}k")
+    ckpt_path = Path(out_dir) / "ckpt.pt"
+    random.seed(t.seed), np.random.seed(t.seed), torch.manual_seed(t.seed)
+    train, test = banks or (ClipBank(t.data_root, "train", cfg.image_size),
+                            ClipBank(t.eval_root or t.data_root, "test", cfg.image_size))
+    model = VAE(cfg).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=t.lr, weight_decay=t.weight_decay, betas=(0.9, 0.99))
+    gen = torch.Generator().manual_seed(t.seed)                      # batch sampling
+    step, history = 0, []
+    if resume and ckpt_path.is_file():
+        ckpt = torch.load(ckpt_path, map_location=device, weights_only=True)
+        diff = config_diff(ckpt["vae_config"], cfg) + config_diff(ckpt["train_config"], t)
+        if diff:
+            raise ValueError(f"{ckpt_path} holds a run with other settings ({'; '.join(diff)}); "
+                             f"choose another out_dir or pass resume=False")
+        model.load_state_dict(ckpt["model"]), opt.load_state_dict(ckpt["optimizer"])
+        step, history = ckpt["step"], ckpt["history"]
+        gen.set_state(ckpt["rng"]["batches"]), torch.set_rng_state(ckpt["rng"]["torch"])
+        if device.type == "cuda" and ckpt["rng"].get("cuda") is not None:
+            torch.cuda.set_rng_state(ckpt["rng"]["cuda"])
+
+    def save():
+        rng = {"batches": gen.get_state(), "torch": torch.get_rng_state(),
+               "cuda": torch.cuda.get_rng_state() if device.type == "cuda" else None}
+        save_checkpoint(ckpt_path, model=model.state_dict(), optimizer=opt.state_dict(), step=step,
+                        rng=rng, vae_config=asdict(cfg), train_config=asdict(t), history=history)
+
+    stop = t.steps if until is None else min(until, t.steps)
+    model.train()
+    t0 = time.time()
+    bar = tqdm(total=stop, initial=step, disable=not progress, desc="vae", dynamic_ncols=True)
+    while step < stop:
+        lr = lr_at(step, t)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        video = train.batch(gen, t.batch_size, t.frames, device)
+        mask = mouth_region(video) if t.mouth_weight else None
+        loss, parts = vae_loss(model, video, mask, t.mouth_weight, t.kl_weight)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
+        opt.step()
+        step += 1
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss.item():.4f}", l1=f"{parts['l1']:.4f}", kl=f"{parts['kl']:.2f}", lr=f"{lr:.1e}")
+        if step % t.eval_every == 0 or step == t.steps:
+            ev = evaluate_vae(model, test, t.eval_frames)
+            history.append({"step": step, "loss": loss.item(), "minutes": (time.time() - t0) / 60, **ev})
+            bar.write(f"step {step}: held-out PSNR {ev['psnr']:.2f} dB, LipCorr {ev['lip_corr']:.3f} "
+                      f"(true frames {ev['lip_corr_true_frames']:.3f}), l1 {parts['l1']:.4f}")
+        if step == t.steps:                                           # fit the DiT's latent scaling
+            model.eval()
+            g = torch.Generator().manual_seed(t.seed + 1)
+            model.fit_latent_norm(train.batch(g, t.batch_size, t.frames, device) for _ in range(16))
+            model.train()
+        if step % t.ckpt_every == 0 or step == stop:
+            save()
+    bar.close()
+    return {"step": step, "minutes": (time.time() - t0) / 60, "checkpoint": str(ckpt_path),
+            **(history[-1] if history else {})}

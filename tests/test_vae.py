@@ -165,3 +165,93 @@ def test_framenorm_is_per_frame():
     x2 = x.clone()
     x2[:, :, 3] *= 10
     assert torch.allclose(norm(x2)[:, :, :3], y[:, :, :3])
+
+
+# ----------------------------------------------------------------------------- training
+
+def _micro():
+    return V.VAEConfig(image_size=32, spatial=8, temporal=4, latent_channels=8, widths=(16, 16, 32), groups=4)
+
+
+@pytest.fixture(scope="module")
+def toy_root(tmp_path_factory):
+    from minread.data import render_dataset
+    root = tmp_path_factory.mktemp("toy")
+    render_dataset(root, train_identities=2, test_identities=1, clips_per_identity=1, size=32,
+                   seed=3, source="babble", progress=False)
+    return root
+
+
+def test_overfit_one_batch():
+    from minread.data import render_clip
+    frames = torch.from_numpy(render_clip(5, size=32, seed=1, source="babble")["video"][:9])
+    video = (frames.permute(3, 0, 1, 2).float() / 127.5 - 1)[None]      # (1, 3, 9, 32, 32)
+    model = V.VAE(_micro())
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    mask = V.mouth_region(video)
+    losses = []
+    for _ in range(100):
+        loss, parts = V.vae_loss(model, video, mask, mouth_weight=4.0, kl_weight=1e-6)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert min(losses[-5:]) < losses[0] / 10
+
+
+def test_mouth_region_finds_the_mouth_and_nothing_on_plain_frames():
+    from minread.data import render_clip
+    clip = render_clip(4, size=32, seed=2, source="babble")
+    video = (torch.from_numpy(clip["video"]).permute(3, 0, 1, 2).float() / 127.5 - 1)[None]
+    region = V.mouth_region(video)
+    assert region.shape == (1, 1, 1, 32, 32)
+    assert 0 < region.mean() < 0.2                                        # a small patch, not the face
+    ys = region[0, 0, 0].nonzero()[:, 0].float()
+    assert ys.mean() > 16                                                 # in the lower half of the face
+    assert V.mouth_region(torch.zeros(1, 3, 5, 32, 32)).sum() == 0        # grey frames: plain L1
+
+
+def test_train_resume_is_exact_and_checkpoint_loads(toy_root, tmp_path):
+    kw = dict(steps=4, batch_size=2, frames=5, eval_every=4, ckpt_every=2, eval_frames=9,
+              data_root=str(toy_root), progress=False)
+    cfg = _micro()
+    whole = V.train_vae(cfg, tmp_path / "a", **kw)
+    V.train_vae(cfg, tmp_path / "b", until=2, **kw)                      # "interrupted" at step 2
+    resumed = V.train_vae(cfg, tmp_path / "b", **kw)
+    assert whole["step"] == resumed["step"] == 4
+    a = torch.load(tmp_path / "a" / "ckpt.pt", weights_only=True)
+    b = torch.load(tmp_path / "b" / "ckpt.pt", weights_only=True)
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    assert whole["psnr"] == resumed["psnr"]
+    assert not (tmp_path / "a" / "ckpt.pt.tmp").exists()
+    model = V.load_vae(tmp_path / "a" / "ckpt.pt", cfg)
+    assert torch.equal(model.latent_std, a["model"]["latent_std"]) and not torch.all(model.latent_std == 1)
+
+
+def test_load_refuses_another_config(toy_root, tmp_path):
+    cfg = _micro()
+    V.train_vae(cfg, tmp_path, steps=1, batch_size=1, frames=5, eval_every=10, data_root=str(toy_root),
+                progress=False)
+    other = V.VAEConfig(**{**V.asdict(cfg), "latent_channels": 4})
+    with pytest.raises(ValueError, match="latent_channels: checkpoint 8 vs requested 4"):
+        V.load_vae(tmp_path / "ckpt.pt", other)
+    with pytest.raises(ValueError, match="latent_channels"):               # resuming into it too
+        V.train_vae(other, tmp_path, steps=2, batch_size=1, frames=5, data_root=str(toy_root), progress=False)
+    with pytest.raises(FileNotFoundError, match="train one"):
+        V.load_vae(tmp_path / "missing.pt")
+
+
+def test_small_preset_trains_a_few_steps_on_cpu():
+    model = V.VAE(V.small())
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    ramp = torch.linspace(-0.5, 0.5, 128)
+    video = (ramp.view(1, 1, 1, 128, 1) + torch.tensor([0.2, -0.1, 0.3]).view(1, 3, 1, 1, 1)).expand(1, 3, 9, 128, 128)
+    losses = []
+    for _ in range(3):
+        loss, _ = V.vae_loss(model, video)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert all(torch.isfinite(torch.tensor(losses))) and losses[-1] < losses[0]
