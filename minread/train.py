@@ -20,8 +20,10 @@ cached once, the window sampler, the evaluation) is our reconstruction.
 """
 
 import copy
+import hashlib
 import math
 import os
+import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -56,9 +58,11 @@ class TrainConfig:
     W: int = 2
     M: int = 2
     S: int = 8                      # denoising steps per clip at evaluation
-    # the component stages (their own configs hold the rest)
-    vae_steps: int = 4000
-    speech_steps: int = 1500
+    cfg_scale: float = 1.0          # audio guidance at evaluation and the bundle's default
+    refs_per_clip: int = 4          # cached reference frames per clip
+    # the component stages keep their own recipes; None = the module's default steps
+    vae_steps: int = None
+    speech_steps: int = None
 
 
 # settings that change nothing a resumed run computes, so they may differ on resume
@@ -190,97 +194,110 @@ def setup_distributed(device=None):
 # ----------------------------------------------------------------------------- DiT stage
 
 @torch.no_grad()
-def encode_split(vae, speech_ae, tc, split, frames, device):
-    """Encode every clip of a toy split once with the frozen VAE and SpeechAE.
+def encode_clips(vae, speech_ae, clips, device, refs_per_clip=4):
+    """Encode whole toy clips once with the frozen VAE and SpeechAE (the DiT's training set).
 
-    Returns latents (N, C, F, h, w), audio (N, F, Da), reference (N, C, 1, h, w) and the
-    true mouth opening (N, T) for evaluation.
+    Per clip: latents (C, F, h, w) of its longest 1 + s_t*k frames, speech latents (F, Da),
+    and reference latents (R, C, 1, h, w) of R of its frames, each a 1-frame video.
     """
+    s_t = vae.cfg.temporal
+    cache = {"latents": [], "audio": [], "refs": [], "identity": []}
+    for c in clips:
+        T = 1 + (c["video"].shape[1] - 1) // s_t * s_t
+        video = c["video"][None, :, :T].to(device)                            # (1, 3, T, H, W)
+        cache["latents"].append(vae.encode_latents(video)[0].cpu())           # (C, F, h, w)
+        wave = c["audio"][None, :T * 640].to(device)                          # (1, T*640)
+        cache["audio"].append(speech_ae.speech_latents(wave)[0].cpu())        # (F, Da)
+        picks = torch.linspace(0, T - 1, refs_per_clip).round().long()
+        frames = video[0][:, picks].transpose(0, 1)[:, :, None]               # (R, 3, 1, H, W)
+        cache["refs"].append(vae.encode_latents(frames).cpu())                # (R, C, 1, h, w)
+        cache["identity"].append(int(c["identity"]))
+    return cache
+
+
+def fingerprint(vae, speech_ae, data_root):
+    """A digest of the frozen encoders' weights and the data set: a stale cache is re-encoded."""
+    h = hashlib.sha1((Path(data_root) / "manifest.json").read_bytes())
+    for m in (vae, speech_ae):
+        for v in m.state_dict().values():
+            h.update(v.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def load_cache(vae, speech_ae, tc, d):
+    """The training set's latents, encoded once by rank 0 and cached beside the checkpoints."""
     from minread.data import ToyClipDataset
-    ds = ToyClipDataset(tc.data_root, split, size=vae.cfg.image_size, frames=frames)
-    out = {"latents": [], "audio": [], "reference": [], "opening": []}
-    for i in range(len(ds)):
-        item = ds[i]
-        video = item["video"][None].to(device)                              # (1, 3, T, H, W)
-        out["latents"].append(vae.encode_latents(video)[0].cpu())           # (C, F, h, w)
-        out["audio"].append(speech_ae.speech_latents(item["audio"][None].to(device))[0].cpu())
-        ref = item["reference"][None, :, None].to(device)                  # (1, 3, 1, H, W)
-        out["reference"].append(vae.encode_latents(ref)[0].cpu())           # (C, 1, h, w)
-        out["opening"].append(item["opening"])
-    return {k: torch.stack(v) for k, v in out.items()}
+    path, key = Path(tc.out_dir) / "latents_train.pt", fingerprint(vae, speech_ae, tc.data_root)
+    if d.master and (not path.exists() or load_checkpoint(path)["key"] != key):
+        clips = ToyClipDataset(tc.data_root, "train", size=vae.cfg.image_size, frames=1).clips
+        save_checkpoint(path, {**encode_clips(vae, speech_ae, clips, d.device, tc.refs_per_clip), "key": key})
+    if d.ddp:
+        dist.barrier()
+    cache = load_checkpoint(path)
+    ids = cache["identity"]
+    cache["others"] = [[k for k in range(len(ids)) if ids[k] == ids[i] and k != i] or [i]
+                       for i in range(len(ids))]                             # same face, other clips
+    return cache
 
 
-def sample_batch(cache, tc, gen, device):
-    """A batch of training windows: M anchors + W*n frames cut from cached latents.
+def sample_batch(cache, tc, dit_cfg, gen, device):
+    """A batch of training windows: up to M anchors + W*n frames cut from cached latents.
 
-    The noise levels come from ANS's training sampler (asynchronous add-noise); a window
-    whose sampled pattern has no anchors starts at latent frame 0, like a video does.
-    The noise and the condition drops are drawn here from `gen`, so resuming is exact.
+    The noise levels come from ANS's training sampler (asynchronous add-noise). A window
+    with fewer than M anchors is the start of a video, so it is cut from latent frame 0.
+    The reference latent is a frame of another clip of the same identity, so the mouth
+    cannot be copied from it. Noise and condition drops come from `gen`: resume is exact.
     """
     from minread import ans
     B = tc.batch_size
-    N, C, F, h, w = cache["latents"].shape
-    levels, n_anchors, drop_audio, drop_ref = ans.sample_levels(
-        B, n=tc.n, W=tc.W, M=tc.M, generator=gen)                      # levels (B, M + W*n)
-    Fw = levels.shape[1]
-    clip = torch.randint(N, (B,), generator=gen)
-    start = torch.randint(F - Fw + 1, (B,), generator=gen) if n_anchors else torch.zeros(B, dtype=torch.long)
-    frames = start[:, None] + torch.arange(Fw)                          # (B, Fw)
-    lat = cache["latents"][clip[:, None], :, frames]                    # (B, Fw, C, h, w)
-    batch = {"latents": lat.permute(0, 2, 1, 3, 4),                     # (B, C, Fw, h, w)
-             "audio": cache["audio"][clip[:, None], frames],            # (B, Fw, Da)
-             "reference": cache["reference"][clip],                     # (B, C, 1, h, w)
-             "n_anchors": n_anchors, "drop_audio": drop_audio, "drop_ref": drop_ref}
-    batch["noise"] = torch.randn(batch["latents"].shape, generator=gen)
+    draw = ans.sample_levels(B, tc.n, tc.W, tc.M, generator=gen, p_drop_audio=dit_cfg.p_drop_audio,
+                             p_drop_ref=dit_cfg.p_drop_ref)                   # levels (B, Fw)
+    Fw = draw.levels.shape[1]
+    pool = [i for i, z in enumerate(cache["latents"]) if z.shape[1] >= Fw]
+    lat, audio, ref = [], [], []
+    for _ in range(B):
+        i = pool[int(torch.randint(len(pool), (1,), generator=gen))]
+        z = cache["latents"][i]
+        s = 0 if draw.n_anchors < tc.M else int(torch.randint(z.shape[1] - Fw + 1, (1,), generator=gen))
+        lat.append(z[:, s:s + Fw])                                           # (C, Fw, h, w)
+        audio.append(cache["audio"][i][s:s + Fw])                            # (Fw, Da)
+        others = cache["others"][i]
+        refs = cache["refs"][others[int(torch.randint(len(others), (1,), generator=gen))]]
+        ref.append(refs[int(torch.randint(len(refs), (1,), generator=gen))])  # (C, 1, h, w)
+    batch = {"latents": torch.stack(lat), "audio": torch.stack(audio), "reference": torch.stack(ref),
+             "n_anchors": draw.n_anchors, "drop_audio": draw.drop_audio, "drop_ref": draw.drop_ref}
+    batch["noise"] = torch.randn(batch["latents"].shape, generator=gen)     # (B, C, Fw, h, w)
     batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
-    return batch, levels.to(device)
-
-
-def load_cache(vae, speech_ae, tc, split, frames, d):
-    """Latents of a split, encoded once by rank 0 and cached on disk beside the checkpoints."""
-    path = Path(tc.out_dir) / f"latents_{split}_{frames}.pt"
-    if d.master and not path.exists():
-        save_checkpoint(path, encode_split(vae, speech_ae, tc, split, frames, d.device))
-    if d.ddp:
-        dist.barrier()
-    return load_checkpoint(path)
-
-
-@torch.no_grad()
-def evaluate_dit(model, vae, speech_ae, cache, tc, seed=0):
-    """Generate held-out clips with the asynchronous schedule; mean LipCorr and amplitude ratio."""
-    from minread import metrics
-    from minread.generate import Models, sample_video
-    models = Models(vae, speech_ae, model, sampler=sampler_settings(tc))
-    device = next(model.parameters()).device
-    corr, amp = [], []
-    for i in range(min(tc.eval_clips, len(cache["latents"]))):
-        video = torch.cat(list(sample_video(models, cache["reference"][i:i + 1].to(device),
-                                            cache["audio"][i:i + 1].to(device), seed=seed + i)),
-                          dim=2)[0].cpu()                               # (3, T, H, W)
-        opening = metrics.read_opening(video)
-        corr.append(metrics.lip_corr(opening, cache["opening"][i]))
-        amp.append(metrics.amplitude_ratio(opening, cache["opening"][i]))
-    return {"lip_corr": float(torch.tensor(corr).mean()), "amplitude": float(torch.tensor(amp).mean())}
+    return batch, draw.levels.to(device)
 
 
 def sampler_settings(tc):
     """The ANS settings generation uses, stored in the bundle with the weights."""
-    return {"n": tc.n, "W": tc.W, "M": tc.M, "S": tc.S}
+    return {"n": tc.n, "W": tc.W, "M": tc.M, "S": tc.S, "cfg": tc.cfg_scale}
+
+
+def evaluate_dit(model, vae, speech_ae, clips, tc):
+    """Generate held-out clips with the asynchronous schedule: mean LipCorr, amplitude, ..."""
+    from minread.generate import Models, evaluate
+    models = Models(vae, speech_ae, model.eval(), sampler_settings(tc))
+    return evaluate(models, clips, max_frames=tc.eval_frames, seed=tc.seed)
 
 
 def train_dit(dit_cfg, tc, vae, speech_ae, resume=True, until=None, log=print):
-    """Train the A2V-DiT on frozen VAE / SpeechAE latents; returns (raw model, EMA model, stats).
+    """Train the A2V-DiT on frozen VAE / SpeechAE latents; returns (model, EMA model, stats).
 
-    `until` stops after that many steps, as if the run had been killed there (tests resume).
+    `until` stops after that many steps as if the run had been killed there: the steps since
+    the last checkpoint are lost, and a resumed run redoes them (tests check it is exact).
     """
+    from minread.data import ToyClipDataset
     from minread.dit import A2VDiT, dit_loss
     d = setup_distributed()
     torch.manual_seed(tc.seed + d.rank)
-    gen = torch.Generator().manual_seed(tc.seed + 1_000_003 * d.rank)
+    gen = torch.Generator().manual_seed(tc.seed + 1_000_003 * d.rank)  # windows, noise, drops
     vae, speech_ae = vae.to(d.device).eval(), speech_ae.to(d.device).eval()
-    train_cache = load_cache(vae, speech_ae, tc, "train", clip_frames(tc, vae), d)
-    test_cache = load_cache(vae, speech_ae, tc, "test", tc.eval_frames, d) if d.master else None
+    cache = load_cache(vae, speech_ae, tc, d)
+    test = ToyClipDataset(tc.data_root, "test", size=vae.cfg.image_size, frames=1).clips[:tc.eval_clips] \
+        if d.master and tc.eval_clips else []
 
     model = A2VDiT(dit_cfg).to(d.device)
     ema = copy.deepcopy(model).requires_grad_(False).eval()
@@ -297,54 +314,54 @@ def train_dit(dit_cfg, tc, vae, speech_ae, resume=True, until=None, log=print):
         step, history = ck["step"], ck["history"]
         set_rng_state(ck["rng"][d.rank], gen)
         log(f"resumed {ckpt_path} at step {step}")
-    raw = model
-    if d.ddp:
-        model = DDP(model, device_ids=[int(os.environ["LOCAL_RANK"])] if d.device.startswith("cuda") else None)
+    ddp = model
+    if d.ddp:  # gradients are averaged across processes inside backward()
+        ddp = DDP(model, device_ids=[torch.device(d.device).index] if d.device.startswith("cuda") else None)
+        ddp.prediction = model.prediction  # dit_loss reads it
 
     def checkpoint():
         states = [rng_state(gen)]
-        if d.ddp:
+        if d.ddp:  # every rank's sampler state, so each resumes its own stream
             states = [None] * d.world_size
             dist.all_gather_object(states, rng_state(gen))
         if d.master:
-            save_checkpoint(ckpt_path, {"model": raw.state_dict(), "ema": ema.state_dict(),
+            save_checkpoint(ckpt_path, {"model": model.state_dict(), "ema": ema.state_dict(),
                                         "optimizer": opt.state_dict(), "step": step,
                                         "windows_seen": step * tc.batch_size * d.world_size,
                                         "rng": states, "history": history,
                                         "config": asdict(dit_cfg), "train": run_cfg})
 
-    pbar = tqdm(total=tc.steps, initial=step, disable=not d.master, desc="dit", dynamic_ncols=True)
+    model.train()
+    bar = tqdm(total=tc.steps, initial=step, disable=not d.master, desc="dit", dynamic_ncols=True)
+    t0 = time.time()
     while step < tc.steps and (until is None or step < until):
         lr = get_lr(step, tc)
         for group in opt.param_groups:
             group["lr"] = lr
-        batch, levels = sample_batch(train_cache, tc, gen, d.device)
-        loss = dit_loss(model, batch, levels)
+        batch, levels = sample_batch(cache, tc, dit_cfg, gen, d.device)
+        loss = dit_loss(ddp, batch, levels)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(raw.parameters(), tc.grad_clip)
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
         opt.step()
-        update_ema(ema, raw, min(tc.ema_decay, (1 + step) / (10 + step)))  # EMA warm-up
+        update_ema(ema, model, min(tc.ema_decay, (1 + step) / (10 + step)))  # EMA warm-up
         step += 1
-        pbar.update(1)
-        pbar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{lr:.1e}")
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{lr:.1e}")
         if d.master and (step % 50 == 0 or step == tc.steps):
-            history.append({"step": step, "loss": loss.item(), "lr": lr, "grad_norm": float(grad_norm)})
-        if d.master and (step % tc.eval_every == 0 or step == tc.steps):
-            ev = evaluate_dit(ema, vae, speech_ae, test_cache, tc)
+            history.append({"step": step, "loss": loss.item(), "lr": lr, "grad_norm": float(grad_norm),
+                            "minutes": (time.time() - t0) / 60})
+        if d.master and test and (step % tc.eval_every == 0 or step == tc.steps):
+            ev = evaluate_dit(ema, vae, speech_ae, test, tc)
             history.append({"step": step, **ev})
-            log(f"step {step}: loss {loss.item():.4f}, held-out LipCorr {ev['lip_corr']:.3f}, "
-                f"amplitude {ev['amplitude']:.2f}")
+            log(f"dit step {step}: loss {loss.item():.4f}, held-out LipCorr {ev['lip_corr']:.3f}, "
+                f"amplitude {ev['amplitude_ratio']:.2f}")
         if step % tc.ckpt_every == 0 or step == tc.steps:
             checkpoint()
-    pbar.close()
-    return raw, ema, {"step": step, "history": history}
-
-
-def clip_frames(tc, vae):
-    """Frames of each cached training clip: the longest 1 + s_t*k the toy clips hold."""
-    from minread.data import ToyClipDataset
-    return ToyClipDataset.max_frames(tc.data_root, "train", vae.cfg.temporal)
+    bar.close()
+    if d.ddp:  # every rank returns only once the last checkpoint is on disk
+        dist.barrier()
+    return model, ema, {"step": step, "minutes": (time.time() - t0) / 60, "history": history}
 
 
 # ----------------------------------------------------------------------------- stages
@@ -354,11 +371,10 @@ def bundle(path, vae, speech_ae, dit, tc, dtype=torch.float16):
 
     Weights are stored in float16 (half the bytes; generation casts back to float32).
     """
-    pack = lambda m: {k: v.to(dtype) if v.is_floating_point() else v  # noqa: E731
-                      for k, v in m.state_dict().items()}
-    save_checkpoint(path, {"vae": {"config": asdict(vae.cfg), "state": pack(vae)},
-                           "speech_ae": {"config": asdict(speech_ae.cfg), "state": pack(speech_ae)},
-                           "dit": {"config": asdict(dit.cfg), "state": pack(dit)},
+    def pack(m):
+        return {"config": asdict(m.cfg), "state": {k: v.to(dtype) if v.is_floating_point() else v
+                                                   for k, v in m.state_dict().items()}}
+    save_checkpoint(path, {"vae": pack(vae), "speech_ae": pack(speech_ae), "dit": pack(dit),
                            "sampler": sampler_settings(tc), "preset": tc.preset})
 
 
@@ -367,8 +383,9 @@ def train(stage="all", preset="tiny", out_dir=None, resume=True, until=None, bun
     """Run one training stage ("vae", "speech_ae", "dit") or all three in order.
 
     Configs default to the preset; pass any of them to override (tests use micro sizes).
-    Returns a dict of per-stage stats; after the DiT stage the generation bundle is written
-    to `bundle_path` (default out_dir/model.pt).
+    The VAE and SpeechAE stages run on rank 0 only (they are small); the DiT stage uses
+    every process. Returns per-stage stats; a finished DiT stage writes the generation
+    bundle to `bundle_path` (default out_dir/model.pt).
     """
     from minread import speech_ae as sae_mod
     from minread import vae as vae_mod
@@ -376,34 +393,31 @@ def train(stage="all", preset="tiny", out_dir=None, resume=True, until=None, bun
         raise ValueError(f"unknown stage {stage!r}: use vae, speech_ae, dit or all")
     p_vae, p_sae, p_dit, p_tc = presets(preset)
     vae_cfg, speech_cfg, dit_cfg = vae_cfg or p_vae, speech_cfg or p_sae, dit_cfg or p_dit
-    tc = tc or p_tc
-    if out_dir is not None:
-        tc = replace(tc, out_dir=str(out_dir))
+    tc = replace(tc or p_tc, **({} if out_dir is None else {"out_dir": str(out_dir)}))
     out = Path(tc.out_dir)
     d = setup_distributed()
     log = log or make_logger(out / "train.log", d.master)
+    vae_path, sae_path = out / "vae" / "ckpt.pt", out / "speech_ae.pt"
+    steps = lambda n: {} if n is None else {"steps": n}  # noqa: E731
     stats = {}
-    if stage in ("vae", "all"):
-        if d.master:
-            stats["vae"] = vae_mod.train_vae(vae_cfg, steps=tc.vae_steps, out=out / "vae.pt",
-                                             data_root=tc.data_root, seed=tc.seed, resume=resume)
-            log(f"vae: {stats['vae']}")
-        if d.ddp:
-            dist.barrier()
-    if stage in ("speech_ae", "all"):
-        if d.master:
-            stats["speech_ae"] = sae_mod.train_speech_ae(speech_cfg, steps=tc.speech_steps,
-                                                         out=out / "speech_ae.pt", data_root=tc.data_root,
-                                                         seed=tc.seed, resume=resume)
-            log(f"speech_ae: {stats['speech_ae']}")
-        if d.ddp:
-            dist.barrier()
+    if stage in ("vae", "all") and d.master:
+        stats["vae"] = vae_mod.train_vae(vae_cfg, out_dir=out / "vae", device=d.device, resume=resume,
+                                         data_root=tc.data_root, seed=tc.seed, **steps(tc.vae_steps))
+        log(f"vae: {stats['vae']}")
+    if stage in ("speech_ae", "all") and d.master:
+        stats["speech_ae"] = sae_mod.train_speech_ae(speech_cfg, out=sae_path, data_root=tc.data_root,
+                                                     seed=tc.seed, resume=resume, log=log,
+                                                     **steps(tc.speech_steps))
+        log(f"speech_ae: { {k: v for k, v in stats['speech_ae'].items() if k != 'history'} }")
+    if d.ddp:
+        dist.barrier()
     if stage in ("dit", "all"):
-        vae = vae_mod.load_vae(out / "vae.pt", vae_cfg).requires_grad_(False)
-        speech_ae = sae_mod.load_speech_ae(out / "speech_ae.pt", speech_cfg).requires_grad_(False)
+        vae = vae_mod.load_vae(vae_path, vae_cfg).requires_grad_(False)
+        speech_ae = sae_mod.load_speech_ae(str(sae_path), speech_cfg).requires_grad_(False)
         _, ema, stats["dit"] = train_dit(dit_cfg, tc, vae, speech_ae, resume=resume, until=until, log=log)
         if d.master and stats["dit"]["step"] >= tc.steps:
             bundle(bundle_path or out / "model.pt", vae, speech_ae, ema, tc)
+            log(f"wrote the generation bundle {bundle_path or out / 'model.pt'}")
     return stats
 
 

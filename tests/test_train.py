@@ -77,3 +77,148 @@ def test_presets_and_unknown_names():
         tr.presets("huge")
     with pytest.raises(ValueError, match="unknown stage"):
         tr.train("everything")
+
+
+# ----------------------------------------------------------------------------- end to end
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from minread import data, dit, speech_ae, vae
+from minread import generate as gen
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def micro(data_root, **kw):
+    """Micro configs: the whole pipeline in seconds."""
+    return dict(vae_cfg=vae.VAEConfig(widths=(8, 8, 8)),
+                speech_cfg=speech_ae.SpeechAEConfig(width=8, max_width=16, latent_dim=8, batch_size=4,
+                                                    train_frames=17, eval_every=5),
+                dit_cfg=dit.DiTConfig(audio_dim=8, width=32, depth=1, heads=2),
+                tc=tr.TrainConfig(data_root=str(data_root), steps=6, batch_size=4, warmup=2, eval_every=3,
+                                  eval_clips=1, eval_frames=17, ckpt_every=2, vae_steps=4, speech_steps=4, **kw))
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory):
+    """A tiny rendered toy set (3 train + 2 held-out identities) and trained micro encoders."""
+    root = tmp_path_factory.mktemp("toy")
+    data.render_dataset(root / "data", train_identities=3, test_identities=2, clips_per_identity=2,
+                        size=32, seed=0, source="babble", progress=False)
+    tr.train("vae", out_dir=root / "enc", **micro(root / "data"))
+    tr.train("speech_ae", out_dir=root / "enc", **micro(root / "data"))
+    return root
+
+
+def encoders_into(toy, out):
+    shutil.copytree(toy / "enc" / "vae", out / "vae")
+    shutil.copy(toy / "enc" / "speech_ae.pt", out / "speech_ae.pt")
+
+
+def test_train_all_then_generate(tmp_path):
+    """The smoke run: all three stages on micro configs, then generation from the bundle."""
+    data.render_dataset(tmp_path / "data", train_identities=2, test_identities=1, clips_per_identity=2,
+                        size=32, seed=1, source="babble", progress=False)
+    stats = tr.train("all", out_dir=tmp_path / "run", **micro(tmp_path / "data"))
+    assert stats["vae"]["step"] == 4 and stats["speech_ae"]["step"] == 4 and stats["dit"]["step"] == 6
+    assert any("lip_corr" in h for h in stats["dit"]["history"])            # held-out evaluation ran
+    bundle = tmp_path / "run" / "model.pt"
+    models = gen.load_models(bundle)
+    ds = data.ToyClipDataset(tmp_path / "data", "test", size=32, frames=1)
+    gen.write_png(tmp_path / "face.png", gen.to_uint8(ds.clips[0]["video"][:, :1])[0])
+    wav = tmp_path / "data" / f"{ds.clips[0]['name']}.wav"
+    out = gen.generate(tmp_path / "face.png", wav, tmp_path / "talk.mp4", models=models, verbose=False)
+    assert out["frames"] == ds.clips[0]["video"].shape[1] == data.read_video(tmp_path / "talk.mp4").shape[0]
+    assert "dit step 6" in (tmp_path / "run" / "train.log").read_text()
+
+
+def test_resume_after_interruption_is_exact(toy, tmp_path):
+    """Killed at step 3 (last checkpoint at 2), resumed: the same weights as running straight through."""
+    a, b = tmp_path / "straight", tmp_path / "interrupted"
+    for out in (a, b):
+        encoders_into(toy, out)
+    tr.train("dit", out_dir=a, **micro(toy / "data"))
+    tr.train("dit", out_dir=b, until=3, **micro(toy / "data"))
+    assert tr.load_checkpoint(b / "dit.pt")["step"] == 2 and not (b / "model.pt").exists()
+    tr.train("dit", out_dir=b, **micro(toy / "data"))
+    ca, cb = tr.load_checkpoint(a / "dit.pt"), tr.load_checkpoint(b / "dit.pt")
+    assert ca["step"] == cb["step"] == 6
+    for key in ("model", "ema"):
+        for name, value in ca[key].items():
+            assert torch.equal(value, cb[key][name]), (key, name)
+    assert ca["optimizer"]["state"][0]["exp_avg"].equal(cb["optimizer"]["state"][0]["exp_avg"])
+    ba, bb = tr.load_checkpoint(a / "model.pt"), tr.load_checkpoint(b / "model.pt")
+    assert all(torch.equal(v, bb["dit"]["state"][k]) for k, v in ba["dit"]["state"].items())
+
+
+def test_resume_refuses_another_config(toy, tmp_path):
+    encoders_into(toy, tmp_path)
+    tr.train("dit", out_dir=tmp_path, until=2, **micro(toy / "data"))
+    kw = micro(toy / "data")
+    kw["dit_cfg"] = dit.DiTConfig(audio_dim=8, width=48, depth=1, heads=2)
+    with pytest.raises(ValueError, match=r"width: 32 \(checkpoint\) vs 48"):
+        tr.train("dit", out_dir=tmp_path, **kw)
+    with pytest.raises(ValueError, match=r"lr: 0.0005 \(checkpoint\) vs 0.001"):
+        tr.train("dit", out_dir=tmp_path, **micro(toy / "data", lr=1e-3))
+
+
+DDP_SCRIPT = """
+import json, sys, torch, torch.distributed as dist
+sys.path.insert(0, {tests!r})
+from test_train import micro, tr
+from minread import dit as D, vae, speech_ae
+kw = micro({data!r})
+encoders = vae.load_vae({out!r} + "/vae/ckpt.pt"), speech_ae.load_speech_ae({out!r} + "/speech_ae.pt")
+model, ema, stats = tr.train_dit(kw["dit_cfg"], tr.replace(kw["tc"], out_dir={out!r}), *encoders)
+flat = torch.cat([p.detach().flatten() for p in model.parameters()])
+# gradients: DDP's averaged gradient equals the mean of the per-rank gradients
+from torch.nn.parallel import DistributedDataParallel as DDP
+model = D.A2VDiT(kw["dit_cfg"])  # a fresh module: the trained one still carries train_dit's DDP hooks
+ddp = DDP(model)
+ddp.prediction = model.prediction
+gen = torch.Generator().manual_seed(100 + dist.get_rank())
+batch = {{"latents": torch.randn(2, 16, 6, 4, 4, generator=gen), "audio": torch.randn(2, 6, 8, generator=gen),
+          "reference": torch.randn(2, 16, 1, 4, 4, generator=gen), "n_anchors": 2,
+          "drop_audio": torch.tensor([True, False]), "drop_ref": torch.tensor([False, True]),
+          "noise": torch.randn(2, 16, 6, 4, 4, generator=gen)}}
+levels = torch.rand(2, 6, generator=gen)
+with ddp.no_sync():
+    D.dit_loss(ddp, batch, levels).backward()
+local = torch.cat([p.grad.flatten() for p in model.parameters()])
+model.zero_grad()
+D.dit_loss(ddp, batch, levels).backward()
+synced = torch.cat([p.grad.flatten() for p in model.parameters()])
+every = [torch.zeros_like(flat) for _ in range(2)]
+dist.all_gather(every, flat)
+grads = [torch.zeros_like(local) for _ in range(2)]
+dist.all_gather(grads, local)
+res = {{"same_weights": bool(torch.equal(every[0], every[1])),
+        "grad_is_mean": bool(torch.allclose(synced, (grads[0] + grads[1]) / 2, atol=1e-6)),
+        "local_grads_differ": not torch.allclose(grads[0], grads[1]),
+        "steps": stats["step"]}}
+json.dump(res, open({out!r} + f"/rank{{dist.get_rank()}}.json", "w"))
+"""
+
+
+def test_two_process_torchrun_keeps_gradients_in_sync(toy, tmp_path):
+    encoders_into(toy, tmp_path)
+    script = tmp_path / "ddp.py"
+    script.write_text(DDP_SCRIPT.format(tests=str(Path(__file__).parent), data=str(toy / "data"),
+                                        out=str(tmp_path)))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE", "PYTHONPATH": str(ROOT)}
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          str(script)], env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    for rank in (0, 1):
+        res = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert res == {"same_weights": True, "grad_is_mean": True, "local_grads_differ": True, "steps": 6}
+    ck = tr.load_checkpoint(tmp_path / "dit.pt")
+    assert ck["train"]["world_size"] == 2 and len(ck["rng"]) == 2
+    assert ck["windows_seen"] == 6 * 4 * 2
