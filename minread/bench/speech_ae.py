@@ -25,8 +25,7 @@ from minread.speech_ae import SAMPLES_PER_FRAME, evaluate, clip_mels, load_speec
 def toy_clips(data_root, split):
     """(audio (S,), opening (T,)) of every clip of a data_toy split."""
     from minread.data import ToyClipDataset
-    ds = ToyClipDataset(data_root, split)
-    return [(ds[i]["audio"], ds[i]["opening"]) for i in range(len(ds))]
+    return [(c["audio"], c["opening"]) for c in ToyClipDataset(data_root, split, frames=1).clips]
 
 
 def spans(F, s_t):
@@ -47,11 +46,11 @@ def probe_features(model, clips):
         power = audio.reshape(T, SAMPLES_PER_FRAME).square().mean(1)
         log_e = torch.log10(power + 1e-8)                                         # (T,)
         for j, (a, b) in enumerate(spans(z.shape[0], s_t)):
-            lat.append(z[j])
+            lat.append(z[j].cpu())
             e = log_e[a:b]
-            energy.append(e.repeat(s_t)[:s_t] if len(e) < s_t else e)              # latent 0: frame 0 repeated
-            target.append(opening[a:b].float().mean())
-    return torch.stack(lat).double(), torch.stack(energy).double(), torch.stack(target).double()
+            energy.append((e.repeat(s_t)[:s_t] if len(e) < s_t else e).cpu())            # latent 0: frame 0 repeated
+            target.append(opening[a:b].float().mean().cpu())
+    return (torch.stack(lat).double().cpu(), torch.stack(energy).double().cpu(), torch.stack(target).double().cpu())
 
 
 def ridge(X, y, lam=1.0):
