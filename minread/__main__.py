@@ -4,6 +4,7 @@ One subparser and one small function per command; all argument parsing lives her
 """
 
 import argparse
+import os
 import json
 import sys
 from pathlib import Path
@@ -51,6 +52,28 @@ def cmd_render_data(args):
     print(f"rendered {len(m['clips'])} clips ({seconds / 60:.1f} min of speech) into {args.out}")
 
 
+def cmd_train(args):
+    """Train one stage or all three; under torchrun the DiT stage runs data-parallel."""
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # 2-core machines stall without it
+    from minread.train import train
+    train(args.stage, args.preset, out_dir=args.out_dir, resume=not args.restart, bundle_path=args.bundle)
+
+
+def cmd_generate(args):
+    """Generate a talking-head mp4 (+ PNG filmstrip) from a face image and a speech file."""
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    from minread.generate import generate
+    generate(args.image, args.audio, args.out, args.schedule, args.steps, args.cfg, args.ckpt,
+             seed=args.seed, device=args.device)
+
+
+def cmd_demo(args):
+    """A held-out toy identity speaking a held-out sentence, with metrics against the truth."""
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    from minread.generate import demo
+    demo(args.ckpt, args.out, args.data, args.clip, args.schedule, args.steps, args.cfg)
+
+
 def build_parser():
     parser = argparse.ArgumentParser(prog="python -m minread", description=(
         "minread: a compact, teachable implementation of READ (audio-driven talking heads)."))
@@ -77,6 +100,37 @@ def build_parser():
     p.add_argument("--source", choices=["espeak", "babble"], default="espeak", help="speech source")
     p.add_argument("--crf", type=int, default=12, help="H.264 quality (lower = larger, truer colours)")
     p.set_defaults(func=cmd_render_data)
+    p = sub.add_parser("train", help="train the VAE, the SpeechAE and the A2V-DiT (one stage or all)")
+    p.add_argument("--stage", choices=["vae", "speech_ae", "dit", "all"], default="all", help="stage(s) to run, in order")
+    p.add_argument("--preset", choices=["tiny", "small"], default="tiny", help="model and recipe size (small: one GPU)")
+    p.add_argument("--out-dir", default=None, help="checkpoints, latent cache and log (default runs/PRESET)")
+    p.add_argument("--bundle", default=None, help="where the generation checkpoint goes (default OUT_DIR/model.pt)")
+    p.add_argument("--restart", action="store_true", help="ignore existing checkpoints instead of resuming")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("generate", help="generate a lip-synced talking-head mp4 from a face image and speech")
+    p.add_argument("--image", required=True, help="face image (any format PyAV reads; cropped and resized)")
+    p.add_argument("--audio", required=True, help="speech (any format PyAV reads; resampled to 16 kHz mono)")
+    p.add_argument("--out", required=True, help="mp4 to write; a PNG filmstrip goes beside it")
+    p.add_argument("--schedule", choices=["asynchronous", "synchronous", "synchronous_overlap"],
+                   default="asynchronous", help="long-video noise schedule")
+    p.add_argument("--steps", type=int, default=None, help="denoising steps per clip (default: the model's)")
+    p.add_argument("--cfg", type=float, default=None, help="audio guidance scale (default: the model's)")
+    p.add_argument("--ckpt", default=None, help="generation bundle (default: the shipped tiny model)")
+    p.add_argument("--seed", type=int, default=0, help="noise seed")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("demo", help="generate a held-out toy face speaking a held-out sentence and print its metrics")
+    p.add_argument("--ckpt", default=None, help="generation bundle (default: the shipped tiny model)")
+    p.add_argument("--out", default="out/demo.mp4", help="mp4 to write")
+    p.add_argument("--data", default="data_toy", help="toy data set holding the held-out clips")
+    p.add_argument("--clip", type=int, default=0, help="index of the held-out clip")
+    p.add_argument("--schedule", choices=["asynchronous", "synchronous", "synchronous_overlap"],
+                   default="asynchronous", help="long-video noise schedule")
+    p.add_argument("--steps", type=int, default=None, help="denoising steps per clip (default: the model's)")
+    p.add_argument("--cfg", type=float, default=None, help="audio guidance scale (default: the model's)")
+    p.set_defaults(func=cmd_demo)
     return parser
 
 
