@@ -24,7 +24,7 @@ import hashlib
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -49,10 +49,11 @@ class TrainConfig:
     betas: tuple = (0.9, 0.99)
     grad_clip: float = 1.0
     ema_decay: float = 0.998
+    log_every: int = 50             # steps between loss records in the history
     ckpt_every: int = 250           # steps between checkpoints
     eval_every: int = 500           # steps between held-out generations
     eval_clips: int = 4             # held-out clips generated at each evaluation
-    eval_frames: int = 49           # frames per evaluation clip (1 + s_t*k)
+    eval_frames: int = 50           # frames (2 s) generated per evaluation clip
     # ANS geometry of a training window: M anchors + W clips of n latent frames
     n: int = 2
     W: int = 2
@@ -66,7 +67,7 @@ class TrainConfig:
 
 
 # settings that change nothing a resumed run computes, so they may differ on resume
-RESUME_FREE = {"out_dir", "ckpt_every", "eval_every", "eval_clips", "steps"}
+RESUME_FREE = {"out_dir", "log_every", "ckpt_every", "eval_every", "eval_clips"}
 
 
 def presets(preset):
@@ -348,7 +349,7 @@ def train_dit(dit_cfg, tc, vae, speech_ae, resume=True, until=None, log=print):
         step += 1
         bar.update(1)
         bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{lr:.1e}")
-        if d.master and (step % 50 == 0 or step == tc.steps):
+        if d.master and (step % tc.log_every == 0 or step == tc.steps):
             history.append({"step": step, "loss": loss.item(), "lr": lr, "grad_norm": float(grad_norm),
                             "minutes": (time.time() - t0) / 60})
         if d.master and test and (step % tc.eval_every == 0 or step == tc.steps):
