@@ -41,7 +41,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from minread.data import ToyClipDataset
+from minread.data import ToyClipDataset, render_clip
 from minread.metrics import lip_corr, mouth_mask, psnr, read_opening
 
 
@@ -396,6 +396,7 @@ class VAETrainConfig:
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     kl_weight: float = 1e-4         # on the mean KL per latent element
+    mse_weight: float = 0.0         # an added squared-error term (PSNR is a squared error)
     mouth_weight: float = 8.0       # extra L1 weight inside the mouth mask (0 = plain L1)
     eval_every: int = 500
     ckpt_every: int = 500
@@ -403,6 +404,12 @@ class VAETrainConfig:
     seed: int = 0
     data_root: str = "data_toy"     # a rendered toy set (see data.render_dataset)
     eval_root: str = ""             # held-out clips: this set's test split ("" = data_root's)
+
+
+def _render_one(job):
+    ident_seed, size = job
+    clip = render_clip(ident_seed, None, size=size, seed=ident_seed * 100, source="babble")
+    return clip["video"], clip["opening"]
 
 
 def mouth_region(video, radius=2):
@@ -422,25 +429,44 @@ def lr_at(step, t):
     return t.lr * (t.min_lr + (1 - t.min_lr) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def vae_loss(model, video, mask=None, mouth_weight=8.0, kl_weight=1e-4):
-    """L1 reconstruction, weighted 1 + mouth_weight inside `mask` (B, 1, 1|T, H, W) if given,
-    plus kl_weight * KL(q(z|x) || N(0, I)) per latent element. Returns (loss, parts)."""
+def vae_loss(model, video, mask=None, mouth_weight=8.0, kl_weight=1e-4, mse_weight=0.0):
+    """L1 (+ mse_weight * squared error) reconstruction, weighted 1 + mouth_weight inside
+    `mask` (B, 1, 1|T, H, W) if given, plus kl_weight * KL(q(z|x) || N(0, I)) per latent
+    element. Returns (loss, parts)."""
     recon, mean, logvar = model(video)
     err = (recon - video).abs()                                           # (B, 3, T, H, W)
     weight = 1.0 if mask is None else 1.0 + mouth_weight * mask
-    rec = (err * weight).mean()
+    rec = (err * weight).mean() + (mse_weight * (err.pow(2) * weight).mean() if mse_weight else 0.0)
     kl = 0.5 * (mean.pow(2) + logvar.exp() - 1.0 - logvar).mean()
     return rec + kl_weight * kl, {"l1": err.mean().item(), "kl": kl.item()}
 
 
 class ClipBank:
-    """Every clip of a toy split held in memory as uint8, for fast random windows."""
+    """Whole clips held in memory as uint8 (3, Tc, H, W), for fast random training windows."""
 
-    def __init__(self, root, split, size):
+    def __init__(self, video, opening, identity):
+        self.video, self.opening, self.identity = video, opening, identity
+
+    @classmethod
+    def load(cls, root, split, size):
+        """Every clip of a split of a rendered toy set (data_toy/ or data.render_dataset's)."""
         clips = ToyClipDataset(root, split=split, size=size, frames=1).clips
-        self.video = [((c["video"] + 1) * 127.5).round().to(torch.uint8) for c in clips]  # (3, Tc, H, W) each
-        self.opening = [c["opening"] for c in clips]                                      # (Tc,) each
-        self.identity = [int(c["identity"]) for c in clips]
+        return cls([((c["video"] + 1) * 127.5).round().to(torch.uint8) for c in clips],
+                   [c["opening"] for c in clips], [int(c["identity"]) for c in clips])
+
+    @classmethod
+    def render(cls, identities, size, seed, first=0, workers=1):
+        """Render one babble clip per identity in memory (no files), identities first..first+n-1
+        of `seed` (identity i has seed seed * 100_000 + i, as in data.render_dataset)."""
+        jobs = [(seed * 100_000 + i, size) for i in range(first, first + identities)]
+        if workers > 1:
+            import multiprocessing as mp
+            with mp.get_context("fork").Pool(workers) as pool:
+                clips = pool.map(_render_one, jobs, chunksize=4)
+        else:
+            clips = [_render_one(j) for j in jobs]
+        return cls([torch.from_numpy(v).permute(3, 0, 1, 2).contiguous() for v, _ in clips],
+                   [torch.from_numpy(o) for _, o in clips], [j[0] for j in jobs])
 
     def __len__(self):
         return len(self.video)
@@ -525,8 +551,8 @@ def train_vae(cfg, out_dir="runs/vae_tiny", tcfg=None, device=None, resume=True,
         raise ValueError(f"VAETrainConfig.frames={t.frames} must be 1 + {cfg.temporal}k")
     ckpt_path = Path(out_dir) / "ckpt.pt"
     random.seed(t.seed), np.random.seed(t.seed), torch.manual_seed(t.seed)
-    train, test = banks or (ClipBank(t.data_root, "train", cfg.image_size),
-                            ClipBank(t.eval_root or t.data_root, "test", cfg.image_size))
+    train, test = banks or (ClipBank.load(t.data_root, "train", cfg.image_size),
+                            ClipBank.load(t.eval_root or t.data_root, "test", cfg.image_size))
     model = VAE(cfg).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=t.lr, weight_decay=t.weight_decay, betas=(0.9, 0.99))
     gen = torch.Generator().manual_seed(t.seed)                      # batch sampling
@@ -559,7 +585,7 @@ def train_vae(cfg, out_dir="runs/vae_tiny", tcfg=None, device=None, resume=True,
             group["lr"] = lr
         video = train.batch(gen, t.batch_size, t.frames, device)
         mask = mouth_region(video) if t.mouth_weight else None
-        loss, parts = vae_loss(model, video, mask, t.mouth_weight, t.kl_weight)
+        loss, parts = vae_loss(model, video, mask, t.mouth_weight, t.kl_weight, t.mse_weight)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)

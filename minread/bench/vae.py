@@ -45,7 +45,7 @@ def main(argv=None):
     cfg = model.cfg
     figures = {"bench": "vae", "ckpt": args.ckpt, "config": asdict(cfg), **machine()}
 
-    ev = V.evaluate_vae(model, V.ClipBank(args.data, "test", cfg.image_size), args.frames)
+    ev = V.evaluate_vae(model, V.ClipBank.load(args.data, "test", cfg.image_size), args.frames)
     figures.update({"heldout_psnr_db": ev["psnr"], "heldout_lip_corr": ev["lip_corr"],
                     "heldout_lip_corr_true_frames": ev["lip_corr_true_frames"], "heldout_clips": ev["clips"]})
     print(f"held-out ({args.data} test, {ev['clips']} clips): PSNR {ev['psnr']:.2f} dB, "
