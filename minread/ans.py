@@ -39,7 +39,8 @@ from tqdm import tqdm
 
 def _per_frame(levels, x):
     """levels (B, F) or (F,) -> broadcastable against x (B, C, F, h, w)."""
-    levels = levels.to(device=x.device, dtype=x.dtype)
+    if levels.device != x.device or levels.dtype != x.dtype:
+        levels = levels.to(device=x.device, dtype=x.dtype)
     return levels.view(-1, 1, levels.shape[-1], 1, 1) if levels.dim() == 2 else levels.view(1, 1, -1, 1, 1)
 
 
@@ -341,6 +342,8 @@ def generate_latents(model, speech_latents, reference_latent, schedule, *, n_anc
     windows = step_windows(schedule, n_anchors, lookahead)
     finished = torch.where((schedule[1:] > 0).any(1), (schedule[1:] > 0).float().argmax(1),
                            torch.tensor(F)).tolist()  # after step m, frames < finished[m] are clean
+    second = ((schedule[:-1] != schedule[1:]) & (schedule[1:] > 0)).any(1).tolist()  # Heun's 2nd call needed
+    padded = torch.cat([schedule, torch.zeros(len(schedule), 1)], dim=1)  # (steps+1, F+1): column F is clean
     _, C, _, h, w = reference_latent.shape
     device, dtype = reference_latent.device, reference_latent.dtype
     noise = lambda f: frame_noise(seed, f, (B, C, 1, h, w), device, dtype)  # noqa: E731
@@ -354,25 +357,22 @@ def generate_latents(model, speech_latents, reference_latent, schedule, *, n_anc
                 continue
             a0, s, e, la = win.anchors.start, win.active.start, win.active.stop, win.lookahead
             hi = lo + buf.shape[2]
-            entering = [noise(f) for f in range(hi, e)]
-            buf = torch.cat([buf[:, :, a0 - lo:]] + entering, dim=2)  # (B, C, e - a0, h, w)
-            lo = a0
-            tau = torch.cat([torch.zeros(s - a0), schedule[m, s:e]])  # (Fw,)
-            tau_next = torch.cat([torch.zeros(s - a0), schedule[m + 1, s:e]])
-            x = buf
-            if la.stop > la.start:  # look-ahead restarts from noise with every new window
+            buf = buf[:, :, a0 - lo:]  # frames before the anchors are finished and yielded: drop them
+            if e > hi:  # frames entering the window, each from its own noise
+                buf = torch.cat([buf] + [noise(f) for f in range(hi, e)], dim=2)  # (B, C, e - a0, h, w)
+            lo, x, k = a0, buf, la.stop - la.start
+            # anchors sit at τ = 0 (the padded column F); look-ahead frames move with the newest active frame
+            cols = [F] * (s - a0) + list(range(s, e)) + [e - 1] * k
+            tau, tau_next = padded[m:m + 2, cols].to(device=device, dtype=dtype)  # (Fw,) each
+            if k:  # look-ahead restarts from noise with every new window
                 if scratch_at != la.start or schedule[m, e - 1] == 1:
-                    scratch = torch.cat([noise(f) for f in range(la.start, la.stop)], dim=2)
-                    scratch_at = la.start
-                k = la.stop - la.start
-                tau = torch.cat([tau, schedule[m, e - 1].expand(k)])
-                tau_next = torch.cat([tau_next, schedule[m + 1, e - 1].expand(k)])
+                    scratch, scratch_at = torch.cat([noise(f) for f in range(la.start, la.stop)], dim=2), la.start
                 x = torch.cat([buf, scratch], dim=2)  # (B, C, Fw, h, w)
             audio = speech_latents[:, win.frames].to(device=device, dtype=dtype)  # (B, Fw, Da)
-            x = _step(model, prediction, x, tau.to(device), tau_next.to(device), audio, reference_latent,
-                      cfg_scale, solver)
+            x = _step(model, prediction, x, tau, tau_next, audio, reference_latent, cfg_scale,
+                      solver == "heun" and second[m])
             buf = x[:, :, :e - a0]
-            if la.stop > la.start:
+            if k:
                 scratch = x[:, :, e - a0:]
             if finished[m] > emitted:
                 done = finished[m]
@@ -384,10 +384,10 @@ def generate_latents(model, speech_latents, reference_latent, schedule, *, n_anc
 
 
 @torch.no_grad()
-def _step(model, prediction, x, tau, tau_next, audio, reference, cfg_scale, solver):
+def _step(model, prediction, x, tau, tau_next, audio, reference, cfg_scale, heun):
     """One step of the window x (B, C, Fw, h, w) from levels tau (Fw,) to tau_next (Fw,)."""
     v = _velocity(model, prediction, x, tau, audio, reference, cfg_scale)
-    if solver == "euler" or not ((tau_next != tau) & (tau_next > 0)).any():
+    if not heun:
         return euler_step(x, v, tau, tau_next)
     v_next = _velocity(model, prediction, euler_step(x, v, tau, tau_next), tau_next, audio, reference, cfg_scale)
     return heun_step(x, v, v_next, tau, tau_next)
@@ -396,7 +396,7 @@ def _step(model, prediction, x, tau, tau_next, audio, reference, cfg_scale, solv
 def _velocity(model, prediction, x, tau, audio, reference, cfg_scale):
     """v̂ for the window, with classifier-free guidance on audio when cfg_scale != 1."""
     B = x.shape[0]
-    levels = tau.to(x.dtype).expand(B, -1)  # (B, Fw)
+    levels = tau.expand(B, -1)  # (B, Fw)
     if cfg_scale == 1:
         pred = model(x, levels, audio, reference)
     else:
