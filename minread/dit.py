@@ -1,0 +1,357 @@
+"""A2V-DiT: the audio-to-video diffusion transformer (DESIGN §6).
+
+The denoising backbone. One call sees a window of video latents whose latent frames
+carry their own noise levels, the speech latents aligned with them frame by frame, and
+a reference image latent; it predicts the clean latents x̂₀ (or the velocity) of every
+frame.
+
+From the READ paper (arXiv 2508.03457): a diffusion transformer over the highly
+compressed video latents, conditioned on speech latents that line up 1:1 with the video
+latent frames, trained and sampled with asynchronous (per-frame) noise levels.
+Our reconstruction (the paper publishes no layer details):
+- tokens: each latent frame is patchified (patch p, N = h·w/p² tokens per frame);
+  3D rotary positions (frame, y, x) with frame indices relative to the window, so a
+  video of any length only ever meets trained positions;
+- per-frame adaLN-Zero: every latent frame f has its own τ_f; the shift/scale/gate
+  vectors are computed once per frame, (B, 1+F, 9D), and broadcast to that frame's N
+  tokens by a view (per token it costs ~16x more, DESIGN §11);
+- the reference latent is one extra clean frame (τ = 0) in front of the window with its
+  own learned frame embedding; every token attends to it; motion anchors are simply the
+  first clean frames of x (the model knows them only through their levels);
+- speech enters through a cross-attention layer in every block: video tokens of latent
+  frame f query the speech tokens g with |f - g| <= r (the audio-window mask of
+  attention.py), rotary frame positions telling the centre from its neighbours. We
+  chose cross- over joint attention: speech is a condition, not content, so its tokens
+  stay fixed and the locality "frame f hears only speech f±r" holds exactly in every
+  layer (tested); self-attention stays unmasked (the fastest kernel); the reference
+  tokens skip the cross-attention, so no query ever meets an empty key set (NaN);
+- classifier-free guidance: learned null audio and null reference tokens replace the
+  condition for the samples whose drop flag is set;
+- output: x̂₀ per video token (default; the velocity for sampling is
+  v̂ = (x_τ - x̂₀)/τ, see ans.py) or v̂ directly (`prediction="v"`). On the toy proxy
+  (notebook 05, `python -m minread.bench dit --compare`) x̂₀ trained better; DESIGN §7
+  records the pixel-space calibration that found the same.
+"""
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+from torch.nn.functional import layer_norm
+
+from minread.attention import attention, audio_window
+
+
+@dataclass
+class DiTConfig:
+    latent_channels: int = 16  # C, from the VAE
+    audio_dim: int = 32  # Da, from the SpeechAE
+    patch: int = 1  # p: latent pixels per token side; N = (h/p)(w/p) tokens per frame
+    width: int = 128  # D
+    depth: int = 6  # transformer blocks
+    heads: int = 4  # nh; head dim hd = D/nh
+    mlp_ratio: float = 4.0
+    audio_radius: int = 1  # r: latent frame f hears speech frames |f - g| <= r
+    rope_theta: float = 100.0  # positions are small (a window of ~10 frames, a 4x4 grid)
+    prediction: str = "x0"  # "x0" (clean-latent prediction) or "v" (velocity)
+    p_drop_audio: float = 0.1  # CFG: probability a training sample drops the speech
+    p_drop_ref: float = 0.05  # CFG: probability a training sample drops the reference
+    attn_impl: str = "sdpa"  # attention.py impl; sdpa is the fastest at tiny size on CPU
+
+
+def tiny():
+    """CPU / CI / workshop preset (DESIGN §8): 32x32 frames, C=16, 4x4 latent grid."""
+    return DiTConfig(latent_channels=16, audio_dim=32, width=128, depth=6, heads=4)
+
+
+def small():
+    """One-GPU preset: 128x128 frames, C=64, 4x4 latent grid."""
+    return DiTConfig(latent_channels=64, audio_dim=64, width=512, depth=12, heads=8)
+
+
+# ---- positions and conditioning --------------------------------------------------
+
+def rope_tables(pos, head_dim, theta):
+    """Rotary tables for positions pos (L, 3) = (frame, y, x) -> cos, sin (L, hd).
+
+    The hd/2 rotation pairs are split between the axes: a quarter each to y and x, the
+    rest to the frame axis. `sin` carries the sign of rotate-half, so applying the
+    rotation is x*cos + swap_halves(x)*sin.
+    """
+    n_space = head_dim // 8
+    n_frame = head_dim // 2 - 2 * n_space
+    freqs = [theta ** (-torch.arange(n, dtype=torch.float64) / n) for n in (n_frame, n_space, n_space)]
+    angles = torch.cat([pos[:, i:i + 1].double() * f for i, f in enumerate(freqs)], 1)  # (L, hd/2)
+    cos, sin = angles.cos().float(), angles.sin().float()
+    return torch.cat([cos, cos], 1), torch.cat([-sin, sin], 1)  # (L, hd) each
+
+
+def apply_rope(x, cos, sin):
+    """Rotate (..., L, hd) by tables (L, hd): pairs (i, i + hd/2) turn by their angle."""
+    half = x.shape[-1] // 2
+    swapped = torch.cat([x[..., half:], x[..., :half]], -1)
+    return x * cos + swapped * sin
+
+
+def timestep_embedding(levels, dim):
+    """Sinusoidal features of the noise levels (B, F) -> (B, F, dim), as in DiT."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=levels.device) / half)
+    args = 1000.0 * levels[..., None].float() * freqs  # (B, F, dim/2)
+    return torch.cat([args.cos(), args.sin()], -1)
+
+
+class LevelEmbedder(nn.Module):
+    """Noise level of each latent frame -> conditioning vector c_f (B, F, D)."""
+
+    def __init__(self, width, freq_dim=256):
+        super().__init__()
+        self.freq_dim = freq_dim
+        self.mlp = nn.Sequential(nn.Linear(freq_dim, width), nn.SiLU(), nn.Linear(width, width))
+
+    def forward(self, levels):
+        return self.mlp(timestep_embedding(levels, self.freq_dim))
+
+
+def modulate(x, shift, scale, frames):
+    """adaLN per frame: x (B, L, D) with L = frames*N; shift, scale (B, frames, 1, D)."""
+    B, L, D = x.shape
+    x = x.view(B, frames, L // frames, D)  # (B, F, N, D)
+    return torch.addcmul(shift, x, 1 + scale).view(B, L, D)
+
+
+def gate(x, g, out, frames):
+    """Residual with a per-frame gate: x + g*out; x, out (B, L, D), g (B, frames, 1, D)."""
+    B, L, D = x.shape
+    x, out = x.view(B, frames, L // frames, D), out.view(B, frames, L // frames, D)
+    return torch.addcmul(x, g, out).view(B, L, D)
+
+
+# ---- the block -------------------------------------------------------------------
+
+class Attention(nn.Module):
+    """Self-attention over reference + window tokens plus a decoupled speech
+    attention (as IP-Adapter's): the same queries of the window tokens also attend,
+    in a softmax of their own, to the speech tokens within ±r frames; the two results
+    are summed before the shared output projection. Fused qkv, 3D rotary."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.heads, self.impl = cfg.heads, cfg.attn_impl
+        self.qkv = nn.Linear(cfg.width, 3 * cfg.width)
+        self.speech_kv = nn.Linear(cfg.width, 2 * cfg.width)
+        self.proj = nn.Linear(cfg.width, cfg.width)
+
+    def forward(self, x, speech, rope, rope_speech, mask):
+        """x (B, (1+F)*N, D) tokens, speech (B, F, D) speech tokens -> (B, (1+F)*N, D)."""
+        B, L, D = x.shape
+        nh, hd, F = self.heads, D // self.heads, speech.shape[1]
+        qkv = self.qkv(x).view(B, L, 3, nh, hd).permute(2, 0, 3, 1, 4)  # (3, B, nh, L, hd)
+        qk = apply_rope(qkv[:2], *rope)  # (2, B, nh, L, hd)
+        y = attention(qk[0], qk[1], qkv[2], None, self.impl)  # (B, nh, L, hd)
+        # speech: its own softmax over the speech tokens g within ±r of the query's frame;
+        # the reference rows see no speech (audio_window's q_offset) and get zeros
+        kv = self.speech_kv(speech).view(B, F, 2, nh, hd).permute(2, 0, 3, 1, 4)  # (2, B, nh, F, hd)
+        y = y + attention(qk[0], apply_rope(kv[0], *rope_speech), kv[1], mask, self.impl)  # (B, nh, L, hd)
+        return self.proj(y.transpose(1, 2).reshape(B, L, D))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        hidden = int(cfg.width * cfg.mlp_ratio)
+        self.fc1, self.act, self.fc2 = nn.Linear(cfg.width, hidden), nn.GELU(), nn.Linear(hidden, cfg.width)
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class Block(nn.Module):
+    """DiT block with per-frame adaLN-Zero; attention includes the speech path."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.attn, self.mlp = Attention(cfg), MLP(cfg)
+
+    def forward(self, x, m, speech, rope, rope_speech, mask):
+        """x (B, (1+F)*N, D) reference + window tokens, m: this block's shift, scale, gate
+        for attention and MLP, 6 x (B, 1+F, 1, D) -> (B, (1+F)*N, D)."""
+        B, L, D = x.shape
+        frames = m[0].shape[1]
+        h = self.attn(modulate(layer_norm(x, (D,)), m[0], m[1], frames), speech, rope, rope_speech, mask)
+        x = gate(x, m[2], h, frames)
+        return gate(x, m[5], self.mlp(modulate(layer_norm(x, (D,)), m[3], m[4], frames)), frames)
+
+
+# ---- the model -------------------------------------------------------------------
+
+class A2VDiT(nn.Module):
+    """Window of noisy latents + levels + speech latents + reference -> x̂₀ (or v̂)."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        if cfg.prediction not in ("x0", "v"):
+            raise ValueError(f"DiTConfig.prediction must be 'x0' or 'v', got {cfg.prediction!r}")
+        if cfg.width % cfg.heads or (cfg.width // cfg.heads) % 8:
+            raise ValueError(f"width {cfg.width} / heads {cfg.heads} must give a head dim divisible by 8")
+        self.cfg, self.prediction = cfg, cfg.prediction
+        C, D, p = cfg.latent_channels, cfg.width, cfg.patch
+        self.patch_embed = nn.Linear(C * p * p, D)
+        self.ref_frame = nn.Parameter(torch.zeros(D))  # learned frame embedding of the reference
+        self.null_ref = nn.Parameter(torch.zeros(D))  # replaces every reference token when dropped
+        self.audio_embed = nn.Sequential(nn.Linear(cfg.audio_dim, D), nn.SiLU(), nn.Linear(D, D))
+        self.null_audio = nn.Parameter(torch.zeros(D))  # replaces every speech token when dropped
+        self.level_embed = LevelEmbedder(D)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.depth))
+        # adaLN of all blocks in one matmul: 6 vectors (shift, scale, gate for attention
+        # and MLP) per block and frame; zero at init, so every gate is 0 and every block
+        # starts as the identity (adaLN-Zero)
+        self.ada = nn.Sequential(nn.SiLU(), nn.Linear(D, cfg.depth * 6 * D))
+        self.final_ada = nn.Sequential(nn.SiLU(), nn.Linear(D, 2 * D))
+        self.final = nn.Linear(D, C * p * p)
+        self._masks, self._ropes = {}, {}
+        self.initialize()
+        print(f"A2VDiT: {self.num_params() / 1e6:.2f}M parameters")
+
+    def initialize(self):
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+        nn.init.normal_(self.null_ref, std=0.02)
+        nn.init.normal_(self.null_audio, std=0.02)
+        nn.init.normal_(self.ref_frame, std=0.02)
+        for lin in self.level_embed.mlp[0], self.level_embed.mlp[2]:
+            nn.init.normal_(lin.weight, std=0.02)
+        for lin in self.ada[1], self.final_ada[1], self.final:  # adaLN-Zero
+            nn.init.zeros_(lin.weight)
+            nn.init.zeros_(lin.bias)
+
+    def num_params(self):
+        return sum(p.numel() for p in self.parameters())
+
+    # -- tokens <-> latents
+    def patchify(self, z):
+        """(B, C, F, h, w) -> (B, F*N, C*p*p), tokens frame-major then row-major."""
+        B, C, F, h, w = z.shape
+        p = self.cfg.patch
+        z = z.reshape(B, C, F, h // p, p, w // p, p).permute(0, 2, 3, 5, 1, 4, 6)  # (B, F, h/p, w/p, C, p, p)
+        return z.reshape(B, F * (h // p) * (w // p), C * p * p)
+
+    def unpatchify(self, tokens, F, h, w):
+        """(B, F*N, C*p*p) -> (B, C, F, h, w)."""
+        B, p, C = tokens.shape[0], self.cfg.patch, self.cfg.latent_channels
+        z = tokens.reshape(B, F, h // p, w // p, C, p, p).permute(0, 4, 1, 2, 5, 3, 6)  # (B, C, F, h/p, p, w/p, p)
+        return z.reshape(B, C, F, h, w)
+
+    def positions(self, F, hp, wp):
+        """(frame, y, x) of every token, (L, 3): the reference sits at frame -1, the
+        window at 0..F-1 (relative to the window, whatever its place in the video)."""
+        frame = torch.arange(-1, F).repeat_interleave(hp * wp)  # (L,)
+        y = torch.arange(hp).repeat_interleave(wp).repeat(F + 1)
+        x = torch.arange(wp).repeat(hp * (F + 1))
+        return torch.stack([frame, y, x], 1)  # (L, 3)
+
+    def rope(self, pos, N):
+        """Rotary tables for all tokens and for the speech keys (speech frame g sits at
+        (g, 0, 0)): cos, sin (L, hd) and (F, hd)."""
+        hd = self.cfg.width // self.cfg.heads
+        theta = self.cfg.rope_theta
+        cos, sin = rope_tables(pos, hd, theta)
+        F = pos.shape[0] // N - 1
+        speech = torch.stack([pos[N::N, 0], torch.zeros(F), torch.zeros(F)], 1)  # (F, 3)
+        return (cos, sin), rope_tables(speech, hd, theta)
+
+    def cached_rope(self, F, hp, wp, device):
+        key = (F, hp, wp, device)
+        if key not in self._ropes:  # plain tensors even when first built under inference_mode
+            with torch.inference_mode(False), torch.no_grad():
+                ropes = self.rope(self.positions(F, hp, wp), hp * wp)
+                self._ropes[key] = tuple(tuple(t.to(device) for t in r) for r in ropes)
+        return self._ropes[key]
+
+    def audio_mask_for(self, N):
+        if N not in self._masks:  # queries: N reference tokens first, then frame f's N tokens
+            self._masks[N] = audio_window(N, self.cfg.audio_radius, q_offset=N)
+        return self._masks[N]
+
+    def check_inputs(self, x, levels, audio, reference):
+        C, p, Da = self.cfg.latent_channels, self.cfg.patch, self.cfg.audio_dim
+        if x.ndim != 5 or x.shape[1] != C:
+            raise ValueError(f"x must be latents (B, {C}, F, h, w), got {tuple(x.shape)}")
+        B, _, F, h, w = x.shape
+        if h % p or w % p:
+            raise ValueError(f"latent grid {h}x{w} is not divisible by the patch size {p}")
+        if tuple(levels.shape) != (B, F):
+            raise ValueError(f"levels must be (B, F) = ({B}, {F}), one per latent frame, got {tuple(levels.shape)}")
+        if tuple(audio.shape) != (B, F, Da):
+            raise ValueError(f"audio must be speech latents (B, F, Da) = ({B}, {F}, {Da}) aligned with x, "
+                             f"got {tuple(audio.shape)}")
+        if tuple(reference.shape) != (B, C, 1, h, w):
+            raise ValueError(f"reference must be one latent frame (B, C, 1, h, w) = ({B}, {C}, 1, {h}, {w}), "
+                             f"got {tuple(reference.shape)}")
+
+    def embed(self, x, levels, audio, reference, drop_audio=None, drop_ref=None):
+        """Inputs -> tokens (B, (1+F)*N, D), per-frame conditioning c (B, 1+F, D),
+        speech tokens (B, F, D)."""
+        B = x.shape[0]
+        ref = self.patch_embed(self.patchify(reference))  # (B, N, D)
+        if drop_ref is not None:
+            ref = torch.where(drop_ref.view(B, 1, 1), self.null_ref, ref)
+        tokens = torch.cat([ref + self.ref_frame, self.patch_embed(self.patchify(x))], 1)  # (B, (1+F)*N, D)
+        speech = self.audio_embed(audio)  # (B, F, D)
+        if drop_audio is not None:
+            speech = torch.where(drop_audio.view(B, 1, 1), self.null_audio, speech)
+        c = self.level_embed(torch.cat([levels.new_zeros(B, 1), levels], 1))  # (B, 1+F, D); reference is clean
+        return tokens, c, speech
+
+    def modulation(self, c):
+        """Per-frame conditioning c (B, 1+F, D) -> depth*6 x (B, 1+F, 1, D): computed once
+        per frame, broadcast to the frame's N tokens inside the blocks."""
+        return self.ada(c).unsqueeze(2).chunk(6 * self.cfg.depth, -1)
+
+    def run_blocks(self, tokens, c, speech, ropes, mask):
+        """The transformer proper: tokens (B, (1+F)*N, D) -> video outputs (B, F*N, C*p*p)."""
+        B, L, D = tokens.shape
+        frames = c.shape[1]
+        N = L // frames
+        m = self.modulation(c)
+        for i, block in enumerate(self.blocks):
+            tokens = block(tokens, m[6 * i:6 * i + 6], speech, ropes[0], ropes[1], mask)
+        shift, scale = self.final_ada(c[:, 1:]).unsqueeze(2).chunk(2, -1)  # (B, F, 1, D) each
+        return self.final(modulate(layer_norm(tokens[:, N:], (D,)), shift, scale, frames - 1))
+
+    def forward(self, x, levels, audio, reference, drop_audio=None, drop_ref=None):
+        """x (B, C, F, h, w) anchors + window, levels (B, F), audio (B, F, Da), reference
+        (B, C, 1, h, w), drop_* (B,) bool -> x̂₀ or v̂ (B, C, F, h, w)."""
+        self.check_inputs(x, levels, audio, reference)
+        B, C, F, h, w = x.shape
+        p = self.cfg.patch
+        tokens, c, speech = self.embed(x, levels, audio, reference, drop_audio, drop_ref)
+        ropes = self.cached_rope(F, h // p, w // p, x.device)
+        out = self.run_blocks(tokens, c, speech, ropes, self.audio_mask_for((h // p) * (w // p)))
+        return self.unpatchify(out, F, h, w)
+
+
+def dit_loss(model, batch, levels):
+    """Rectified-flow loss on the window frames (anchors excluded), DESIGN §7.
+
+    x_τ = (1 - τ) x₀ + τ ε per latent frame; the target is x₀ ("x0") or v = ε - x₀
+    ("v"); plain mean squared error over the non-anchor frames.
+    """
+    x0 = batch["latents"]  # (B, C, F, h, w)
+    B, C, F, h, w = x0.shape
+    n_anchors = int(batch.get("n_anchors", 0))
+    if not 0 <= n_anchors < F:
+        raise ValueError(f"n_anchors must be in [0, F) = [0, {F}), got {n_anchors}")
+    if tuple(levels.shape) != (B, F):
+        raise ValueError(f"levels must be (B, F) = ({B}, {F}), got {tuple(levels.shape)}")
+    noise = batch.get("noise")
+    if noise is None:
+        noise = torch.randn_like(x0)
+    tau = levels.view(B, 1, F, 1, 1).to(x0.dtype)
+    x_t = (1 - tau) * x0 + tau * noise  # (B, C, F, h, w)
+    pred = model(x_t, levels, batch["audio"], batch["reference"], batch.get("drop_audio"), batch.get("drop_ref"))
+    target = x0 if model.prediction == "x0" else noise - x0
+    return (pred - target)[:, :, n_anchors:].pow(2).mean()
