@@ -25,6 +25,7 @@ import math
 import os
 import time
 from dataclasses import asdict, dataclass, replace
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -184,8 +185,8 @@ def setup_distributed(device=None):
     if int(os.environ.get("RANK", -1)) == -1:
         return Dist(device=device or ("cuda" if torch.cuda.is_available() else "cpu"))
     cuda = torch.cuda.is_available() and device != "cpu"
-    if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if cuda else "gloo")
+    if not dist.is_initialized():  # long timeout: other ranks wait while rank 0 trains the VAE
+        dist.init_process_group(backend="nccl" if cuda else "gloo", timeout=timedelta(hours=3))
     rank, local = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
     if cuda:
         torch.cuda.set_device(local)
@@ -413,6 +414,10 @@ def train(stage="all", preset="tiny", out_dir=None, resume=True, until=None, bun
     if d.ddp:
         dist.barrier()
     if stage in ("dit", "all"):
+        for path, name in ((vae_path, "vae"), (sae_path, "speech_ae")):
+            if not path.is_file():
+                raise FileNotFoundError(f"{path} not found: the DiT stage needs the trained {name}; run "
+                                        f"`python -m minread train --stage {name} --out-dir {out}` first")
         vae = vae_mod.load_vae(vae_path, vae_cfg).requires_grad_(False)
         speech_ae = sae_mod.load_speech_ae(str(sae_path), speech_cfg).requires_grad_(False)
         _, ema, stats["dit"] = train_dit(dit_cfg, tc, vae, speech_ae, resume=resume, until=until, log=log)

@@ -222,3 +222,8 @@ def test_two_process_torchrun_keeps_gradients_in_sync(toy, tmp_path):
     ck = tr.load_checkpoint(tmp_path / "dit.pt")
     assert ck["train"]["world_size"] == 2 and len(ck["rng"]) == 2
     assert ck["windows_seen"] == 6 * 4 * 2
+
+
+def test_dit_stage_needs_the_encoders(tmp_path):
+    with pytest.raises(FileNotFoundError, match="--stage vae"):
+        tr.train("dit", out_dir=tmp_path, **micro(tmp_path))
