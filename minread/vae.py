@@ -390,13 +390,13 @@ class VAETrainConfig:
     steps: int = 3000               # optimiser steps (the LR schedule spans them)
     batch_size: int = 16            # clips per step
     frames: int = 9                 # T per training window (1 + s_t*k)
-    lr: float = 2e-3                # peak AdamW learning rate
+    lr: float = 4e-3                # peak AdamW learning rate
     warmup: int = 100               # linear warm-up steps, then cosine decay to lr * min_lr
     min_lr: float = 0.05
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     kl_weight: float = 1e-4         # on the mean KL per latent element
-    mse_weight: float = 0.0         # an added squared-error term (PSNR is a squared error)
+    mse_weight: float = 1.0         # an added squared-error term (PSNR is a squared error)
     mouth_weight: float = 8.0       # extra L1 weight inside the mouth mask (0 = plain L1)
     eval_every: int = 500
     ckpt_every: int = 500
