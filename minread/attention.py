@@ -13,9 +13,10 @@ The same function drives three implementations that must agree (tests/test_atten
            built from the same mask_mod: the reference path.
 - "math":  softmax(q kᵀ / √hd) v written out, for teaching.
 - "auto":  what is fastest where it runs: compiled flex on CUDA; on CPU, SDPA when
-           gradients are needed (compiled flex has no CPU backward in torch 2.13) and for
+           gradients are needed (FlexAttention has no CPU backward in torch 2.13) and for
            small inputs (a compiled call costs more fixed overhead than a tiny SDPA),
-           compiled flex for large CPU inference. Unmasked attention always uses SDPA.
+           compiled flex for large, sparse CPU inference (CPU_FLEX_MIN_SCORES and
+           CPU_FLEX_MAX_TILES below). Unmasked attention always uses SDPA.
 Two more for teaching and testing: "flex_eager" (FlexAttention without compile; forward
 only on CPU) and "blockwise" (the block-sparse online-softmax algorithm of the fused
 kernel written out in PyTorch; differentiable everywhere, slow).
@@ -48,12 +49,18 @@ from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 IMPLS = ("auto", "flex", "flex_eager", "sdpa", "math", "blockwise")
 BLOCK_SIZE = 128  # FlexAttention's tile; one block-mask entry covers 128 x 128 scores
 
-# Below this many scores per head (Lq * Lkv), a compiled flex call on CPU loses to SDPA
-# on fixed overhead (measured by `python -m minread.bench attention`, see README).
-CPU_FLEX_MIN_SCORES = 1024 * 1024
+# CPU inference uses compiled flex only where it measured faster than SDPA (`python -m
+# minread.bench attention`, 2 threads): at >= 2048^2 scores per head with at most half of
+# the 128x128 tiles computed (audio window: flex/sdpa 0.34 at 2k, 0.23 at 4k tokens).
+# Below that the fixed cost of a compiled call loses (tiny DiT self-attention, 112 tokens:
+# flex 0.90 ms, sdpa 0.34 ms), and denser masks break even at best.
+CPU_FLEX_MIN_SCORES = 2048 * 2048
+CPU_FLEX_MAX_TILES = 0.5
 
-# One compiled FlexAttention per process. Each new (shape, mask) is a recompile, so allow
-# more of them than dynamo's default 8 (a benchmark sweeps many lengths and masks).
+# One compiled FlexAttention per process. Static shapes: each new (shape, mask) compiles
+# once (seconds), and torch 2.13's CPU kernel fails to build with dynamic shapes, which
+# dynamo's default would switch to on the second shape. Allow more recompiles than the
+# default 8 (a benchmark sweeps many lengths and masks).
 _flex_compiled = torch.compile(flex_attention, dynamic=False)
 torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
 
@@ -334,7 +341,8 @@ def choose_impl(q, k, mask=None, needs_grad=False):
         return "flex"
     if needs_grad or q.shape[-2] * k.shape[-2] < CPU_FLEX_MIN_SCORES:
         return "sdpa"
-    return "flex"
+    tiles = 1 - block_mask(mask, q.shape[-2], k.shape[-2], q.device).sparsity() / 100
+    return "flex" if tiles <= CPU_FLEX_MAX_TILES else "sdpa"
 
 
 def _check(q, k, v, mask, impl):

@@ -168,9 +168,12 @@ def test_auto_choice_on_cpu():
     assert A.choose_impl(q, k, None) == "sdpa"
     assert A.choose_impl(q, k, m, needs_grad=True) == "sdpa"
     assert A.choose_impl(q, k, m) == "sdpa"  # small: fixed overhead of a compiled call wins
-    big_q, big_k, _ = qkv(4096, 4096, b=1, nh=1)
-    assert A.choose_impl(big_q, big_k, m) == "flex"
-    assert A.choose_impl(big_q, big_k, m, needs_grad=True) == "sdpa"
+    big_q, big_k, _ = qkv(2048, 2048, b=1, nh=1)
+    sparse = audio_window(16, 1, kv_tokens_per_frame=16)  # 18% of tiles computed
+    assert A.choose_impl(big_q, big_k, sparse) == "flex"
+    assert A.choose_impl(big_q, big_k, sparse, needs_grad=True) == "sdpa"
+    assert A.choose_impl(big_q, big_k, full()) == "sdpa"
+    assert A.choose_impl(big_q, big_k, frame_causal(16)) == "sdpa"  # 53% of tiles: no gain
 
 
 def test_bad_input_raises_clear_errors():
