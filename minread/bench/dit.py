@@ -7,6 +7,15 @@ Measures, on this machine and thread count:
 - one training step (dit_loss, backward, AdamW) at batch 32 (target <= 0.6 s).
 Run it under the shared lock on a shared machine:
 `flock /tmp/minread-cpu.lock python -m minread.bench dit`.
+
+`--compare SECONDS` instead trains the tiny DiT twice for the same wall time, once
+predicting x̂₀ and once v̂, on a *proxy* latent space that needs no trained VAE or
+SpeechAE: toy frames averaged over the VAE's frame groups (frame 0 alone, then 4
+frames), 4x4-pooled and folded 2x2 into 12 channels on a 4x4 grid; log-mel averaged per
+latent frame and over pairs of bands (40 dims). It then generates held-out windows
+(2 clean anchors + 4 frames from noise, 8 Euler steps) and reads the mouth opening
+back with a ridge probe fitted on clean training latents: probe LipCorr is the Pearson
+r of that read-back with the true opening, as `metrics.lip_corr` does in pixels.
 """
 
 import argparse
@@ -62,6 +71,112 @@ def time_train_step(model, batch, steps):
     return statistics.median(times), min(times)
 
 
+def proxy_latents(video, audio):
+    """Toy clip -> proxy latents (12, F, 4, 4), speech features (F, 40); see the docstring."""
+    from minread.speech_ae import log_mel
+    T = 1 + (video.shape[1] - 1) // 4 * 4
+    v = video[:, :T]
+    frames = torch.cat([v[:, :1], v[:, 1:].reshape(3, -1, 4, 32, 32).mean(2)], 1)  # (3, F, 32, 32)
+    F = frames.shape[1]
+    z = frames.reshape(3, F, 8, 4, 8, 4).mean((3, 5))  # (3, F, 8, 8)
+    z = z.reshape(3, F, 4, 2, 4, 2).permute(0, 3, 5, 1, 2, 4).reshape(12, F, 4, 4)  # (12, F, 4, 4)
+    mel = log_mel(audio[None, :T * 640])[0]  # (80, 4T)
+    a = torch.cat([mel[:, :4].mean(1, keepdim=True), mel[:, 4:].reshape(80, -1, 16).mean(2)], 1)  # (80, F)
+    return z, a.reshape(40, 2, F).mean(1).t()  # (F, 40)
+
+
+def proxy_set(split, data_root="data_toy"):
+    from minread.data import ToyClipDataset
+    clips = ToyClipDataset(data_root, split, size=32, frames=1).clips
+    out = []
+    for c in clips:
+        z, a = proxy_latents(c["video"], c["audio"])
+        T = 1 + (z.shape[1] - 1) * 4
+        op = c["opening"][:T]
+        opening = torch.cat([op[:1], op[1:].reshape(-1, 4).mean(1)])  # (F,) per latent frame
+        out.append((z, a, opening, c["identity"]))
+    return out
+
+
+def compare(seconds, threads_note, data_root="data_toy", seed=0):
+    """Equal-time x0 vs v training on the proxy; returns a dict of figures."""
+    import dataclasses
+    from minread import ans
+    train, test = proxy_set("train", data_root), proxy_set("test", data_root)
+    zs = torch.cat([z for z, *_ in train], 1)  # (12, sum F, 4, 4)
+    zmean, zstd = zs.mean((1, 2, 3), keepdim=True), zs.std((1, 2, 3), keepdim=True)
+    aa = torch.cat([a for _, a, *_ in train])
+    amean, astd = aa.mean(0), aa.std(0)
+    norm = lambda s: [((z - zmean) / zstd, (a - amean) / astd, o, i) for z, a, o, i in s]  # noqa: E731
+    train, test = norm(train), norm(test)
+    # ridge probe: clean latent frame -> mouth opening
+    X = torch.cat([z.permute(1, 0, 2, 3).reshape(z.shape[1], -1) for z, *_ in train])
+    y = torch.cat([o for *_, o, _ in train])
+    X1 = torch.cat([X, torch.ones(len(X), 1)], 1)
+    w = torch.linalg.solve(X1.t() @ X1 + 1.0 * torch.eye(X1.shape[1]), X1.t() @ y)
+    probe = lambda z: torch.cat([z.permute(0, 2, 1, 3, 4).flatten(2), torch.ones(*z.shape[:1], z.shape[2], 1)], 2) @ w  # noqa: E731
+    Fw, M = 6, 2
+    g = torch.Generator().manual_seed(seed)
+
+    def batch(B):
+        lat, au, ref = [], [], []
+        for _ in range(B):
+            z, a, _, _ = train[int(torch.randint(len(train), (1,), generator=g))]
+            s = int(torch.randint(z.shape[1] - Fw + 1, (1,), generator=g))
+            r = int(torch.randint(z.shape[1], (1,), generator=g))
+            lat.append(z[:, s:s + Fw]), au.append(a[s:s + Fw]), ref.append(z[:, r:r + 1])
+        return dict(latents=torch.stack(lat), audio=torch.stack(au), reference=torch.stack(ref))
+
+    figures = {}
+    for prediction in ("x0", "v"):
+        torch.manual_seed(seed)
+        cfg = dataclasses.replace(dit.tiny(), latent_channels=12, audio_dim=40, prediction=prediction)
+        model = dit.A2VDiT(cfg)
+        opt = torch.optim.AdamW(model.parameters(), lr=5e-4, weight_decay=0.01)
+        t0, steps, losses = time.time(), 0, []
+        while time.time() - t0 < seconds:
+            draw = ans.sample_levels(32, 2, 2, M, generator=g)
+            b = batch(32)
+            Fd = draw.levels.shape[1]
+            b = {k: v[:, :, :Fd] if k == "latents" else (v[:, :Fd] if k == "audio" else v) for k, v in b.items()}
+            b.update(n_anchors=draw.n_anchors, drop_audio=draw.drop_audio, drop_ref=draw.drop_ref)
+            loss = dit.dit_loss(model, b, draw.levels)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            steps += 1
+            losses.append(loss.item())
+        model.eval()
+        read, truth, err = [], [], []
+        with torch.no_grad():
+            tg = torch.Generator().manual_seed(seed + 1)
+            for z, a, o, _ in test:
+                for s in range(0, z.shape[1] - Fw + 1, Fw - M):
+                    x0 = z[None, :, s:s + Fw]
+                    x = torch.cat([x0[:, :, :M], torch.randn(1, 12, Fw - M, 4, 4, generator=tg)], 2)
+                    ref = z[None, :, :1]
+                    for k in range(8):
+                        tau, nxt = 1 - k / 8, 1 - (k + 1) / 8
+                        lv = torch.tensor([[0.0] * M + [tau] * (Fw - M)])
+                        pred = model(x, lv, a[None, s:s + Fw], ref)
+                        v = ans.to_velocity(x, pred, lv) if prediction == "x0" else pred
+                        x = ans.euler_step(x, v, lv, torch.tensor([[0.0] * M + [nxt] * (Fw - M)]))
+                    read.append(probe(x[:, :, M:])[0]), truth.append(o[s + M:s + Fw])
+                    err.append((x - x0)[:, :, M:].pow(2).mean().item())
+        read, truth = torch.cat(read), torch.cat(truth)
+        r = torch.corrcoef(torch.stack([read, truth]))[0, 1].item()
+        figures[prediction] = {"steps": steps, "final_loss": sum(losses[-20:]) / len(losses[-20:]),
+                               "probe_lip_corr": r, "amplitude_ratio": (read.std() / truth.std()).item(),
+                               "latent_mse": sum(err) / len(err)}
+        print(f"prediction={prediction}: {steps} steps in {seconds} s, probe LipCorr {r:.3f}, "
+              f"amplitude {figures[prediction]['amplitude_ratio']:.2f}, latent MSE {figures[prediction]['latent_mse']:.3f}")
+    clean = torch.cat([probe(z[None])[0] for z, *_ in test]), torch.cat([o for *_, o, _ in test])
+    figures["probe_ceiling"] = torch.corrcoef(torch.stack(clean))[0, 1].item()
+    print(f"probe on clean held-out latents (ceiling): r = {figures['probe_ceiling']:.3f}; {threads_note}")
+    return figures
+
+
 def main(argv):
     ap = argparse.ArgumentParser(prog="python -m minread.bench dit", description=__doc__.split("\n")[0])
     ap.add_argument("--preset", default="tiny", choices=["tiny", "small"], help="DiT preset")
@@ -73,10 +188,17 @@ def main(argv):
     ap.add_argument("--batch", type=int, default=32, help="training batch size")
     ap.add_argument("--repeats", type=int, default=100, help="timed forward passes")
     ap.add_argument("--steps", type=int, default=6, help="timed training steps")
+    ap.add_argument("--compare", type=float, default=0, metavar="SECONDS",
+                    help="instead: train x0- and v-prediction for SECONDS each on the toy proxy and compare")
+    ap.add_argument("--data", default="data_toy", help="toy data set for --compare")
     args = ap.parse_args(argv)
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.compare:
+        figures = compare(args.compare, f"threads {torch.get_num_threads()}", args.data)
+        bench.report({"bench": "dit", "compare": figures, **bench.machine()})
+        return 0
     torch.manual_seed(0)
     cfg = getattr(dit, args.preset)()
     model = dit.A2VDiT(cfg)
