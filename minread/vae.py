@@ -18,8 +18,9 @@ reconstruction, following LTX-Video and DESIGN.md section 4:
   low (-6) and the output layer at mid-grey (zero), which keeps early training stable.
 - Down/up-sampling is space-to-depth / depth-to-space: a time step folds frames
   (2j-1, 2j) into latent j, with frame 0 repeated into the past for latent 0.
-- Loss: L1 with extra weight on a region mask (the mouth in the toy world; optional),
-  plus a small KL to a unit Gaussian. Latents for the DiT are standardised per channel
+- Loss: L1 plus a squared error, with extra weight on a region mask (the mouth in the
+  toy world; optional, so real footage trains with plain weights), plus a small KL to a
+  unit Gaussian. Latents for the DiT are standardised per channel
   with buffers fitted after training (`encode_latents` / `decode_latents`).
 
 Training, evaluation and checkpoints are plain functions at the bottom of this file:
@@ -429,7 +430,7 @@ def lr_at(step, t):
     return t.lr * (t.min_lr + (1 - t.min_lr) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def vae_loss(model, video, mask=None, mouth_weight=8.0, kl_weight=1e-4, mse_weight=0.0):
+def vae_loss(model, video, mask=None, mouth_weight=8.0, kl_weight=1e-4, mse_weight=1.0):
     """L1 (+ mse_weight * squared error) reconstruction, weighted 1 + mouth_weight inside
     `mask` (B, 1, 1|T, H, W) if given, plus kl_weight * KL(q(z|x) || N(0, I)) per latent
     element. Returns (loss, parts)."""
