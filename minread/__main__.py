@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 DATA_TOY_COMMAND = ("python -m minread render-data --out data_toy --train-identities 20 "
-                    "--test-identities 6 --clips 6 --test-clips 4 --size 64 --seed 0 --source espeak --crf 12")
+                    "--test-identities 6 --clips 8 --test-clips 4 --size 64 --seed 0 --source espeak --crf 12")
 
 
 def cmd_render(args):
@@ -93,7 +93,7 @@ def build_parser():
     p.add_argument("--out", required=True, help="output folder (e.g. data_toy or runs/toy_large)")
     p.add_argument("--train-identities", type=int, default=20, help="number of training identities")
     p.add_argument("--test-identities", type=int, default=6, help="number of held-out identities")
-    p.add_argument("--clips", type=int, default=6, help="clips (sentences) per training identity")
+    p.add_argument("--clips", type=int, default=8, help="clips (sentences) per training identity")
     p.add_argument("--test-clips", type=int, default=None, help="clips per held-out identity (default: --clips)")
     p.add_argument("--size", type=int, default=64, help="frame size in pixels")
     p.add_argument("--seed", type=int, default=0, help="seed of the whole set")

@@ -111,7 +111,7 @@ def av_offset(read, true, max_shift=8):
     return int(rs.argmax()) - max_shift, float(rs.max() - rs.median())
 
 
-def closure_f1(read, closed, speaking=None, threshold=0.15):
+def closure_f1(read, closed, speaking=None, threshold=0.05):
     """F1 of 'lips closed' (read < threshold) against lips-closed sounds, on speaking frames.
 
     closed: (T,) bool truth (bilabials); speaking: (T,) bool, default all frames
