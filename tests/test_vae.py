@@ -255,3 +255,25 @@ def test_small_preset_trains_a_few_steps_on_cpu():
         opt.step()
         losses.append(loss.item())
     assert all(torch.isfinite(torch.tensor(losses))) and losses[-1] < losses[0]
+
+
+def test_lr_schedule_warms_up_then_decays_to_the_floor():
+    t = V.VAETrainConfig(steps=100, warmup=10, lr=1e-3, min_lr=0.1)
+    lrs = [V.lr_at(s, t) for s in range(100)]
+    assert lrs[0] < lrs[5] < lrs[9] == pytest.approx(1e-3)
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
+    assert lrs[-1] == pytest.approx(1e-4, rel=0.01)
+
+
+def test_loss_weights_the_mouth_and_works_without_a_mask():
+    model = V.VAE(_micro())
+    video = _video(1, 5, 32)
+    mask = torch.zeros(1, 1, 1, 32, 32)
+    torch.manual_seed(1)
+    plain, _ = V.vae_loss(model, video, None)
+    torch.manual_seed(1)
+    empty, _ = V.vae_loss(model, video, mask)
+    mask[..., 20:28, 10:22] = 1
+    torch.manual_seed(1)
+    weighted, _ = V.vae_loss(model, video, mask, mouth_weight=8.0)
+    assert torch.allclose(plain, empty) and weighted > plain
