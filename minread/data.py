@@ -22,8 +22,9 @@ Layout of a rendered set (data_toy/ is one): `manifest.json` (command, seeds, se
 voices, split, identity parameters) and per clip `CLIP.mp4` (H.264 yuv444p, no audio),
 `CLIP.wav` (16 kHz mono PCM16) and `CLIP.npz` (per-frame labels).
 `ToyClipDataset` reads it; `VideoFolderDataset` reads a folder of real mp4 (+ wav) clips
-and yields the same sample format (labels NaN). Rendering lives in `minread/toy.py`
-style functions below; IO helpers (`load_audio`, `load_image`, `VideoWriter`) at the end.
+and yields the same sample format (labels NaN). The file runs: speech, identities,
+renderer, clips and sets, datasets, then IO (`read_video`, `load_audio`, `load_image`,
+`write_wav`, `VideoWriter`).
 """
 
 import json
@@ -786,10 +787,11 @@ def write_wav(path, audio, sample_rate=SAMPLE_RATE):
 class VideoWriter:
     """Streaming H.264 mp4 writer with optional 16 kHz mono audio (AAC), deterministic.
 
-    `with VideoWriter(path, audio=wave) as w: w.write(frames)` where frames are uint8
-    (T, H, W, 3) or float (T, 3, H, W)/(3, T, H, W)-free: pass uint8 only. Frames go to
-    a temp file renamed on success, so nothing half-written is left behind. One encoder
-    thread and fixed settings make the same frames give the same bytes.
+    `with VideoWriter(path, audio=wave) as w: w.write(frames)` with uint8 frames
+    (T, H, W, 3), as many calls as needed. It writes to a temp file renamed on success,
+    so nothing half-written is left behind. One encoder thread and fixed settings make the
+    same frames give the same bytes. yuv420p (default) plays everywhere; yuv444p keeps
+    small coloured details (the mouth at 32 px) exact.
     """
 
     def __init__(self, path, fps=FPS, audio=None, crf=12, pix_fmt="yuv420p"):
