@@ -156,6 +156,20 @@ def test_real_folder_round_trip(tmp_path):
     assert np.allclose(whole["audio"].numpy()[:1000], clip["audio"][:1000], atol=1e-3)
 
 
+def test_real_folder_without_wav_uses_the_mp4_sound(tmp_path):
+    clip = data.render_clip(6, None, size=32, seed=2, source="babble")
+    with data.VideoWriter(tmp_path / "bob.mp4", audio=clip["audio"]) as w:
+        w.write(clip["video"])
+    (tmp_path / "carol.mp4").write_bytes(b"\x00" * 100)                       # corrupt
+    with pytest.raises(ValueError, match="carol.mp4"):
+        data.VideoFolderDataset(tmp_path, size=32, frames=9)
+    (tmp_path / "carol.mp4").unlink()
+    c = data.VideoFolderDataset(tmp_path, size=32, frames=9).clips[0]
+    T = len(clip["video"])
+    assert c["video"].shape[1] == T and c["audio"].shape == (T * 640,)
+    assert np.corrcoef(c["audio"].numpy(), clip["audio"])[0, 1] > 0.9          # AAC round trip
+
+
 def test_stereo_44k_wav_is_resampled(tmp_path):
     t = np.arange(44100) / 44100
     tone = 0.5 * np.sin(2 * np.pi * 440 * t)
