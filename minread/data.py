@@ -30,7 +30,7 @@ renderer, clips and sets, datasets, then IO (`read_video`, `load_audio`, `load_i
 import json
 import math
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from fractions import Fraction
 from pathlib import Path
 
@@ -454,7 +454,8 @@ def render_clip(identity, text=None, size=64, seed=0, source="espeak", voice=Non
     identity: an `Identity` (or an int seed for one); text: the sentence (eSpeak) or
     None (babble); seed: voice, padding, blinks and head motion. Returns `video` uint8
     (T, H, W, 3), `audio` float32 (T*640,) and tracks `opening`, `spread`, `viseme`,
-    `closed`, `blink` (T,), `head` (T, 2), plus `phones`, `voice`, `text`.
+    `closed`, `blink` (T,), `head` (T, 2), plus `phones` (label, t0, t1) in seconds of
+    speech (add `offset` for seconds of the clip), `voice`, `text`.
     """
     if not isinstance(identity, Identity):
         identity = sample_identity(int(identity))
@@ -470,6 +471,8 @@ def render_clip(identity, text=None, size=64, seed=0, source="espeak", voice=Non
         speech, phones = babble(seed, duration=float(rng.uniform(1.8, 3.2)), pitch=voice.pitch)
     while phones and not phones[-1][0]:                                   # eSpeak's trailing silence
         phones = phones[:-1]
+    if not phones:
+        raise ValueError(f"no phonemes in {text!r}; give a sentence with words")
     speech = speech[:int((phones[-1][2] + 0.05) * SAMPLE_RATE)]
     speech = speech * _prosody(rng, len(speech), phones) / (np.abs(speech).max() + 1e-8)
     lead = int(rng.uniform(*LEAD) * SAMPLE_RATE)
@@ -481,7 +484,8 @@ def render_clip(identity, text=None, size=64, seed=0, source="espeak", voice=Non
     blink, head = blinks_and_head(seed, T)
     video = render_frames(identity, tracks["opening"], tracks["spread"], blink, head, size)
     return dict(video=video, audio=audio, blink=blink, head=head, **tracks, phones=phones,
-                voice=asdict(voice), text=text or "", identity=asdict(identity))
+                offset=lead / SAMPLE_RATE, voice=asdict(voice), text=text or "",
+                identity=asdict(identity))
 
 
 def _prosody(rng, n, phones, jitter_db=PHONE_JITTER_DB):

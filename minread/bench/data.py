@@ -12,7 +12,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from minread import data, metrics
 from minread.bench import machine, report
