@@ -4,6 +4,7 @@ One subparser and one small function per command; all argument parsing lives her
 """
 
 import argparse
+import importlib.util
 import os
 import json
 import sys
@@ -18,6 +19,10 @@ def cmd_render(args):
     import torch
     from minread import data, metrics
     ident = data.sample_identity(args.identity)
+    if args.source == "espeak" and importlib.util.find_spec("parselmouth") is None:
+        print("praat-parselmouth is not installed (pip install 'minread[speech]'): "
+              "using the numpy babble voice instead of eSpeak")
+        args.source = "babble"
     _, test_sentences = data._split_sentences(0, 0.25)
     text = args.text or data.SENTENCES[test_sentences[args.seed % len(test_sentences)]]
     clip = data.render_clip(ident, text if args.source == "espeak" else None, size=args.size,

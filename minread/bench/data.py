@@ -63,16 +63,18 @@ def main(argv):
     print(f"held-out audio->opening ridge r = {r_ridge:.3f} (log-spectral, +-{CONTEXT} frames); "
           f"energy only r = {r_energy:.3f}")
 
-    readback = {}
+    readback, amplitude = {}, {}
     for size in (64, 32):
-        rs = []
+        rs, amps = [], []
         for c in sets["test"]:
             video = c["video"] if size == 64 else data.to_tensor(
                 ((c["video"].permute(1, 2, 3, 0) + 1) * 127.5).round().byte().numpy(), size)
-            rs.append(metrics.lip_corr(metrics.read_opening(video, video[:, 0]), c["opening"]))
-        readback[size] = float(np.mean(rs))
-        print(f"read-back r of ground-truth frames (decoded mp4) at {size} px: mean {readback[size]:.4f}, "
-              f"min {min(rs):.4f} over {len(rs)} held-out clips")
+            read = metrics.read_opening(video, video[:, 0])
+            rs.append(metrics.lip_corr(read, c["opening"]))
+            amps.append(metrics.amplitude_ratio(read, c["opening"]))
+        readback[size], amplitude[size] = float(np.mean(rs)), float(np.mean(amps))
+        print(f"read-back of ground-truth frames (decoded mp4) at {size} px: r mean {readback[size]:.4f}, "
+              f"min {min(rs):.4f}; amplitude ratio {amplitude[size]:.3f} over {len(rs)} held-out clips")
 
     speed = {}
     for source in ("espeak", "babble"):
@@ -87,5 +89,6 @@ def main(argv):
     print(f"{args.root}: {size_mb:.1f} MB, {minutes:.1f} min of speech, "
           f"{len(sets['train'])} train / {len(sets['test'])} held-out clips")
     report(dict(ridge_r=r_ridge, energy_r=r_energy, readback_r_64=readback[64], readback_r_32=readback[32],
+                readback_amplitude_64=amplitude[64], readback_amplitude_32=amplitude[32],
                 render_s_per_min_espeak=speed["espeak"], render_s_per_min_babble=speed["babble"],
                 data_mb=size_mb, data_minutes=minutes, **machine()))
