@@ -13,18 +13,23 @@ Our reconstruction (the paper publishes no layer details):
   3D rotary positions (frame, y, x) with frame indices relative to the window, so a
   video of any length only ever meets trained positions;
 - per-frame adaLN-Zero: every latent frame f has its own τ_f; the shift/scale/gate
-  vectors are computed once per frame, (B, 1+F, 9D), and broadcast to that frame's N
+  vectors are computed once per frame, (B, 1+F, 6D) per block, and broadcast to its N
   tokens by a view (per token it costs ~16x more, DESIGN §11);
 - the reference latent is one extra clean frame (τ = 0) in front of the window with its
   own learned frame embedding; every token attends to it; motion anchors are simply the
   first clean frames of x (the model knows them only through their levels);
-- speech enters through a cross-attention layer in every block: video tokens of latent
-  frame f query the speech tokens g with |f - g| <= r (the audio-window mask of
-  attention.py), rotary frame positions telling the centre from its neighbours. We
-  chose cross- over joint attention: speech is a condition, not content, so its tokens
-  stay fixed and the locality "frame f hears only speech f±r" holds exactly in every
-  layer (tested); self-attention stays unmasked (the fastest kernel); the reference
-  tokens skip the cross-attention, so no query ever meets an empty key set (NaN);
+- speech enters through attention with the audio-window mask of attention.py: in every
+  block the queries of latent frame f also attend, in a softmax of their own, to the
+  speech tokens g with |f - g| <= r (IP-Adapter's decoupled cross-attention: the same
+  queries, separate keys/values, outputs summed before the shared projection); rotary
+  frame positions on those keys tell the centre g = f from its neighbours. We chose this
+  over joint attention (speech tokens in the self-attention sequence) and over a separate
+  cross-attention layer: speech is a condition, not content, so its tokens are never
+  updated and "frame f hears only speech f±r" holds exactly in every layer (tested); the
+  self-attention stays unmasked (the fastest kernel); and it adds no per-token matmul
+  (a cross-attention layer's q and output projections cost ~15% more compute at this
+  size). The reference's queries see no speech: attention.py returns zeros for rows with
+  no visible key instead of SDPA's NaN;
 - classifier-free guidance: learned null audio and null reference tokens replace the
   condition for the samples whose drop flag is set;
 - output: x̂₀ per video token (default; the velocity for sampling is

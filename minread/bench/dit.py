@@ -8,14 +8,15 @@ Measures, on this machine and thread count:
 Run it under the shared lock on a shared machine:
 `flock /tmp/minread-cpu.lock python -m minread.bench dit`.
 
-`--compare SECONDS` instead trains the tiny DiT twice for the same wall time, once
-predicting x̂₀ and once v̂, on a *proxy* latent space that needs no trained VAE or
+`--compare SECONDS` instead trains the tiny DiT twice with equal compute (x̂₀-prediction
+for SECONDS, then v̂-prediction for as many steps; batch 32, ANS levels), on a *proxy* latent space that needs no trained VAE or
 SpeechAE: toy frames averaged over the VAE's frame groups (frame 0 alone, then 4
 frames), 4x4-pooled and folded 2x2 into 12 channels on a 4x4 grid; log-mel averaged per
 latent frame and over pairs of bands (40 dims). It then generates held-out windows
 (2 clean anchors + 4 frames from noise, 8 Euler steps) and reads the mouth opening
 back with a ridge probe fitted on clean training latents: probe LipCorr is the Pearson
-r of that read-back with the true opening, as `metrics.lip_corr` does in pixels.
+r of that read-back with the true opening, as `metrics.lip_corr` does in pixels. It
+trains on CUDA when there is one.
 """
 
 import argparse
@@ -98,11 +99,20 @@ def proxy_set(split, data_root="data_toy"):
     return out
 
 
-def compare(seconds, threads_note, data_root="data_toy", seed=0):
-    """Equal-time x0 vs v training on the proxy; returns a dict of figures."""
+def compare(seconds, threads_note, data_root="data_toy", seed=0, cache=None):
+    """Equal-time x0 vs v training on the proxy; returns a dict of figures. `cache`: a .pt
+    file holding the proxy sets (written if missing), for machines without the video reader."""
     import dataclasses
+    from pathlib import Path
     from minread import ans
-    train, test = proxy_set("train", data_root), proxy_set("test", data_root)
+    if cache and Path(cache).exists():
+        sets = torch.load(cache, weights_only=True)
+    else:
+        sets = {"train": proxy_set("train", data_root), "test": proxy_set("test", data_root)}
+        if cache:
+            Path(cache).parent.mkdir(parents=True, exist_ok=True)
+            torch.save(sets, cache)
+    train, test = sets["train"], sets["test"]
     zs = torch.cat([z for z, *_ in train], 1)  # (12, sum F, 4, 4)
     zmean, zstd = zs.mean((1, 2, 3), keepdim=True), zs.std((1, 2, 3), keepdim=True)
     aa = torch.cat([a for _, a, *_ in train])
@@ -117,6 +127,7 @@ def compare(seconds, threads_note, data_root="data_toy", seed=0):
     probe = lambda z: torch.cat([z.permute(0, 2, 1, 3, 4).flatten(2), torch.ones(*z.shape[:1], z.shape[2], 1)], 2) @ w  # noqa: E731
     Fw, M = 6, 2
     g = torch.Generator().manual_seed(seed)
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
 
     def batch(B):
         lat, au, ref = [], [], []
@@ -125,51 +136,56 @@ def compare(seconds, threads_note, data_root="data_toy", seed=0):
             s = int(torch.randint(z.shape[1] - Fw + 1, (1,), generator=g))
             r = int(torch.randint(z.shape[1], (1,), generator=g))
             lat.append(z[:, s:s + Fw]), au.append(a[s:s + Fw]), ref.append(z[:, r:r + 1])
-        return dict(latents=torch.stack(lat), audio=torch.stack(au), reference=torch.stack(ref))
+        return dict(latents=torch.stack(lat).to(dev), audio=torch.stack(au).to(dev), reference=torch.stack(ref).to(dev))
 
     figures = {}
     for prediction in ("x0", "v"):
         torch.manual_seed(seed)
         cfg = dataclasses.replace(dit.tiny(), latent_channels=12, audio_dim=40, prediction=prediction)
-        model = dit.A2VDiT(cfg)
+        model = dit.A2VDiT(cfg).to(dev)
         opt = torch.optim.AdamW(model.parameters(), lr=5e-4, weight_decay=0.01)
         t0, steps, losses = time.time(), 0, []
-        while time.time() - t0 < seconds:
+        # equal compute: x0 trains for `seconds`, v for as many steps (the same cost per
+        # step), so a machine shared with other jobs cannot tilt the comparison
+        while (time.time() - t0 < seconds) if prediction == "x0" else steps < figures["x0"]["steps"]:
             draw = ans.sample_levels(32, 2, 2, M, generator=g)
             b = batch(32)
             Fd = draw.levels.shape[1]
             b = {k: v[:, :, :Fd] if k == "latents" else (v[:, :Fd] if k == "audio" else v) for k, v in b.items()}
-            b.update(n_anchors=draw.n_anchors, drop_audio=draw.drop_audio, drop_ref=draw.drop_ref)
-            loss = dit.dit_loss(model, b, draw.levels)
+            b.update(n_anchors=draw.n_anchors, drop_audio=draw.drop_audio.to(dev), drop_ref=draw.drop_ref.to(dev))
+            loss = dit.dit_loss(model, b, draw.levels.to(dev))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
             steps += 1
+            if dev == "cuda" and steps % 50 == 0:
+                torch.cuda.synchronize()
             losses.append(loss.item())
+        train_s = time.time() - t0
         model.eval()
         read, truth, err = [], [], []
         with torch.no_grad():
             tg = torch.Generator().manual_seed(seed + 1)
             for z, a, o, _ in test:
                 for s in range(0, z.shape[1] - Fw + 1, Fw - M):
-                    x0 = z[None, :, s:s + Fw]
-                    x = torch.cat([x0[:, :, :M], torch.randn(1, 12, Fw - M, 4, 4, generator=tg)], 2)
-                    ref = z[None, :, :1]
+                    x0 = z[None, :, s:s + Fw].to(dev)
+                    x = torch.cat([x0[:, :, :M], torch.randn(1, 12, Fw - M, 4, 4, generator=tg).to(dev)], 2)
+                    ref = z[None, :, :1].to(dev)
                     for k in range(8):
                         tau, nxt = 1 - k / 8, 1 - (k + 1) / 8
-                        lv = torch.tensor([[0.0] * M + [tau] * (Fw - M)])
-                        pred = model(x, lv, a[None, s:s + Fw], ref)
+                        lv = torch.tensor([[0.0] * M + [tau] * (Fw - M)], device=dev)
+                        pred = model(x, lv, a[None, s:s + Fw].to(dev), ref)
                         v = ans.to_velocity(x, pred, lv) if prediction == "x0" else pred
-                        x = ans.euler_step(x, v, lv, torch.tensor([[0.0] * M + [nxt] * (Fw - M)]))
-                    read.append(probe(x[:, :, M:])[0]), truth.append(o[s + M:s + Fw])
+                        x = ans.euler_step(x, v, lv, torch.tensor([[0.0] * M + [nxt] * (Fw - M)], device=dev))
+                    read.append(probe(x[:, :, M:].cpu())[0]), truth.append(o[s + M:s + Fw])
                     err.append((x - x0)[:, :, M:].pow(2).mean().item())
         read, truth = torch.cat(read), torch.cat(truth)
         r = torch.corrcoef(torch.stack([read, truth]))[0, 1].item()
-        figures[prediction] = {"steps": steps, "final_loss": sum(losses[-20:]) / len(losses[-20:]),
+        figures[prediction] = {"steps": steps, "seconds": train_s, "final_loss": sum(losses[-20:]) / len(losses[-20:]),
                                "probe_lip_corr": r, "amplitude_ratio": (read.std() / truth.std()).item(),
                                "latent_mse": sum(err) / len(err)}
-        print(f"prediction={prediction}: {steps} steps in {seconds} s, probe LipCorr {r:.3f}, "
+        print(f"prediction={prediction} on {dev}: {steps} steps in {figures[prediction]['seconds']:.0f} s, probe LipCorr {r:.3f}, "
               f"amplitude {figures[prediction]['amplitude_ratio']:.2f}, latent MSE {figures[prediction]['latent_mse']:.3f}")
     clean = torch.cat([probe(z[None])[0] for z, *_ in test]), torch.cat([o for *_, o, _ in test])
     figures["probe_ceiling"] = torch.corrcoef(torch.stack(clean))[0, 1].item()
@@ -191,12 +207,13 @@ def main(argv):
     ap.add_argument("--compare", type=float, default=0, metavar="SECONDS",
                     help="instead: train x0- and v-prediction for SECONDS each on the toy proxy and compare")
     ap.add_argument("--data", default="data_toy", help="toy data set for --compare")
+    ap.add_argument("--proxy-cache", default=None, help="--compare: .pt file caching the proxy latents")
     args = ap.parse_args(argv)
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.compare:
-        figures = compare(args.compare, f"threads {torch.get_num_threads()}", args.data)
+        figures = compare(args.compare, f"threads {torch.get_num_threads()}", args.data, cache=args.proxy_cache)
         bench.report({"bench": "dit", "compare": figures, **bench.machine()})
         return 0
     torch.manual_seed(0)
