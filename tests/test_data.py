@@ -224,3 +224,21 @@ def test_load_image_crops_and_resizes(tmp_path):
     img = data.load_image(tmp_path / "w.mp4", 32)
     assert img.shape == (3, 32, 32)
     assert (img - data.to_tensor(frame, 32)[:, 0]).abs().mean() < 0.05     # the black bars are gone
+
+
+@espeak
+@pytest.mark.slow
+def test_data_toy_rebuilds_bit_identically_from_its_command(tmp_path):
+    """The manifest's command, run again, gives the same bytes for every file (~1 min)."""
+    import subprocess
+    import sys
+    m = json.loads((DATA_TOY / "manifest.json").read_text())
+    args = m["command"].split()[3:]                                      # after `python -m minread`
+    out = args.index("--out") + 1
+    args[out] = str(tmp_path / "data_toy")
+    subprocess.run([sys.executable, "-m", "minread", *args], check=True, cwd=ROOT, capture_output=True)
+    for p in DATA_TOY.rglob("*"):
+        if p.is_file() and p.name != "manifest.json":
+            assert (tmp_path / "data_toy" / p.relative_to(DATA_TOY)).read_bytes() == p.read_bytes(), p
+    rebuilt = json.loads((tmp_path / "data_toy" / "manifest.json").read_text())
+    assert {k: v for k, v in rebuilt.items() if k != "command"} == {k: v for k, v in m.items() if k != "command"}
