@@ -191,6 +191,14 @@ def _cached(cache, key, build):
     return value
 
 
+def _device(device):
+    """torch.device with an explicit index, so "cuda" and "cuda:0" share cache entries."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
 def clear_cache():
     """Forget all cached dense and block masks."""
     _dense_cache.clear()
@@ -200,7 +208,7 @@ def clear_cache():
 def dense_mask(mask, q_len, kv_len=None, device="cpu"):
     """The mask as a boolean (Lq, Lkv) tensor, True = visible (cached)."""
     kv_len = q_len if kv_len is None else kv_len
-    device = torch.device(device)
+    device = _device(device)
 
     def build():
         q_idx = torch.arange(q_len, device=device)[:, None]    # (Lq, 1)
@@ -215,7 +223,7 @@ def block_mask(mask, q_len, kv_len=None, device="cpu"):
     """The FlexAttention BlockMask of `mask` for these lengths (cached; same object for the
     same mask key, lengths and device). Ragged lengths are padded inside create_block_mask."""
     kv_len = q_len if kv_len is None else kv_len
-    device = torch.device(device)
+    device = _device(device)
     return _cached(_block_cache, (mask_key(mask), q_len, kv_len, str(device)),
                    lambda: create_block_mask(mask, None, None, q_len, kv_len, device=device,
                                              BLOCK_SIZE=BLOCK_SIZE))
