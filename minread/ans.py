@@ -343,10 +343,10 @@ def generate_latents(model, speech_latents, reference_latent, schedule, *, n_anc
     finished = torch.where((schedule[1:] > 0).any(1), (schedule[1:] > 0).float().argmax(1),
                            torch.tensor(F)).tolist()  # after step m, frames < finished[m] are clean
     second = ((schedule[:-1] != schedule[1:]) & (schedule[1:] > 0)).any(1).tolist()  # Heun's 2nd call needed
-    padded = torch.cat([schedule, torch.zeros(len(schedule), 1)], dim=1)  # (steps+1, F+1): column F is clean
     _, C, _, h, w = reference_latent.shape
     device, dtype = reference_latent.device, reference_latent.dtype
     noise = lambda f: frame_noise(seed, f, (B, C, 1, h, w), device, dtype)  # noqa: E731
+    patterns = {}  # window level patterns repeat (S/W of them in steady state): build each once
     buf, lo = reference_latent.new_zeros(B, C, 0, h, w), 0  # frames lo .. lo+buf.shape[2]-1 (anchors + active)
     scratch, scratch_at = None, None  # look-ahead states and where they start
     emitted = 0
@@ -356,21 +356,21 @@ def generate_latents(model, speech_latents, reference_latent, schedule, *, n_anc
             if win is None:
                 continue
             a0, s, e, la = win.anchors.start, win.active.start, win.active.stop, win.lookahead
-            hi = lo + buf.shape[2]
+            hi, k = lo + buf.shape[2], la.stop - la.start
             buf = buf[:, :, a0 - lo:]  # frames before the anchors are finished and yielded: drop them
             if e > hi:  # frames entering the window, each from its own noise
                 buf = torch.cat([buf] + [noise(f) for f in range(hi, e)], dim=2)  # (B, C, e - a0, h, w)
-            lo, x, k = a0, buf, la.stop - la.start
-            # anchors sit at τ = 0 (the padded column F); look-ahead frames move with the newest active frame
-            cols = [F] * (s - a0) + list(range(s, e)) + [e - 1] * k
-            tau, tau_next = padded[m:m + 2, cols].to(device=device, dtype=dtype)  # (Fw,) each
+            lo, x = a0, buf
+            key = (s - a0, k, *schedule[m:m + 2, s:e].flatten().tolist())
+            if key not in patterns:
+                patterns[key] = _WindowLevels.build(key, B, prediction, device, dtype)
+            lv = patterns[key]
             if k:  # look-ahead restarts from noise with every new window
                 if scratch_at != la.start or schedule[m, e - 1] == 1:
                     scratch, scratch_at = torch.cat([noise(f) for f in range(la.start, la.stop)], dim=2), la.start
                 x = torch.cat([buf, scratch], dim=2)  # (B, C, Fw, h, w)
             audio = speech_latents[:, win.frames].to(device=device, dtype=dtype)  # (B, Fw, Da)
-            x = _step(model, prediction, x, tau, tau_next, audio, reference_latent, cfg_scale,
-                      solver == "heun" and second[m])
+            x = _step(model, prediction, x, lv, audio, reference_latent, cfg_scale, solver == "heun" and second[m])
             buf = x[:, :, :e - a0]
             if k:
                 scratch = x[:, :, e - a0:]
@@ -383,20 +383,45 @@ def generate_latents(model, speech_latents, reference_latent, schedule, *, n_anc
         bar.close()
 
 
+class _WindowLevels(NamedTuple):
+    """The levels of one window pattern, ready on the device."""
+    tau: torch.Tensor  # (Fw,) levels now: anchors 0, active, look-ahead (as the newest active frame)
+    tau_next: torch.Tensor  # (Fw,) levels after the step
+    levels: torch.Tensor  # (B, Fw) what the model is told
+    moving: torch.Tensor  # (1, 1, Fw, 1, 1) bool
+    rate: torch.Tensor  # (1, 1, Fw, 1, 1): Euler is x + rate·(x - x̂₀) for "x0", x + rate·v̂ for "v"
+
+    @staticmethod
+    def build(key, B, prediction, device, dtype):
+        n_anchors, k, *pair = key
+        cur, nxt = torch.tensor(pair, dtype=torch.float64).view(2, -1)  # (active,) each
+        tau = torch.cat([torch.zeros(n_anchors, dtype=cur.dtype), cur, cur[-1:].expand(k)])  # (Fw,)
+        tau_next = torch.cat([torch.zeros(n_anchors, dtype=cur.dtype), nxt, nxt[-1:].expand(k)])
+        moving = tau_next != tau
+        # x' = x + (τ' - τ)·v̂ with v̂ = (x - x̂₀)/τ: one rate per frame, folded in float64
+        rate = torch.where(moving, (tau_next - tau) / (tau.clamp_min(1e-6) if prediction == "x0" else 1), 0)
+        to = dict(device=device, dtype=dtype)
+        return _WindowLevels(tau.to(**to), tau_next.to(**to), tau.to(**to).expand(B, -1),
+                             moving.to(device).view(1, 1, -1, 1, 1), rate.to(**to).view(1, 1, -1, 1, 1))
+
+
 @torch.no_grad()
-def _step(model, prediction, x, tau, tau_next, audio, reference, cfg_scale, heun):
-    """One step of the window x (B, C, Fw, h, w) from levels tau (Fw,) to tau_next (Fw,)."""
-    v = _velocity(model, prediction, x, tau, audio, reference, cfg_scale)
-    if not heun:
-        return euler_step(x, v, tau, tau_next)
-    v_next = _velocity(model, prediction, euler_step(x, v, tau, tau_next), tau_next, audio, reference, cfg_scale)
-    return heun_step(x, v, v_next, tau, tau_next)
+def _step(model, prediction, x, lv, audio, reference, cfg_scale, heun):
+    """One step of the window x (B, C, Fw, h, w) from levels lv.tau to lv.tau_next."""
+    pred = _predict(model, x, lv.levels, audio, reference, cfg_scale)
+    if not heun:  # fused Euler: the same as euler_step(x, to_velocity(x, pred, tau), tau, tau_next)
+        return torch.where(lv.moving, torch.addcmul(x, lv.rate, x - pred if prediction == "x0" else pred), x)
+    v = to_velocity(x, pred, lv.tau) if prediction == "x0" else pred
+    x_euler = euler_step(x, v, lv.tau, lv.tau_next)
+    pred_next = _predict(model, x_euler, lv.tau_next.expand_as(lv.levels), audio, reference, cfg_scale)
+    v_next = to_velocity(x_euler, pred_next, lv.tau_next) if prediction == "x0" else pred_next
+    return heun_step(x, v, v_next, lv.tau, lv.tau_next)
 
 
-def _velocity(model, prediction, x, tau, audio, reference, cfg_scale):
-    """v̂ for the window, with classifier-free guidance on audio when cfg_scale != 1."""
+def _predict(model, x, levels, audio, reference, cfg_scale):
+    """The model's x̂₀ or v̂ for the window, with classifier-free guidance on audio when
+    cfg_scale != 1 (guidance is linear, so guiding x̂₀ or v̂ is the same)."""
     B = x.shape[0]
-    levels = tau.expand(B, -1)  # (B, Fw)
     if cfg_scale == 1:
         pred = model(x, levels, audio, reference)
     else:
@@ -404,7 +429,7 @@ def _velocity(model, prediction, x, tau, audio, reference, cfg_scale):
         both = model(torch.cat([x, x]), torch.cat([levels, levels]), torch.cat([audio, audio]),
                      torch.cat([reference, reference]), drop_audio=drop)  # (2B, C, Fw, h, w)
         cond, uncond = both[:B], both[B:]
-        pred = uncond + cfg_scale * (cond - uncond)  # linear, so x̂₀- and v̂-guidance agree
+        pred = uncond + cfg_scale * (cond - uncond)
     if pred.shape != x.shape:
         raise ValueError(f"the model returned shape {tuple(pred.shape)} for an input of shape {tuple(x.shape)}")
-    return to_velocity(x, pred, levels) if prediction == "x0" else pred
+    return pred

@@ -238,6 +238,40 @@ def test_frames_outside_the_active_window_are_never_touched():
         assert sorted(first_seen) == list(range(F))
 
 
+def whole_video_reference(model, levels, speech, reference, M, seed, solver):
+    """The readable reference: hold every frame, call the model on each step's window and
+    move it with to_velocity + euler_step / heun_step. No streaming, no fused update."""
+    B, F, _ = speech.shape
+    C, h, w = reference.shape[1], reference.shape[3], reference.shape[4]
+    x = torch.cat([ans.frame_noise(seed, f, (B, C, 1, h, w)) for f in range(F)], dim=2)  # (B, C, F, h, w)
+    for m, win in enumerate(ans.step_windows(levels, M)):
+        if win is None:
+            continue
+        tau = torch.cat([torch.zeros(win.active.start - win.anchors.start), levels[m, win.active]])
+        tau_next = torch.cat([torch.zeros(win.active.start - win.anchors.start), levels[m + 1, win.active]])
+        xw, a = x[:, :, win.frames], speech[:, win.frames]
+        v = ans.to_velocity(xw, model(xw, tau.expand(B, -1), a, reference), tau.expand(B, -1))
+        xe = ans.euler_step(xw, v, tau, tau_next)
+        if solver == "heun" and ((tau_next != tau) & (tau_next > 0)).any():
+            v2 = ans.to_velocity(xe, model(xe, tau_next.expand(B, -1), a, reference), tau_next.expand(B, -1))
+            xe = ans.heun_step(xw, v, v2, tau, tau_next)
+        x[:, :, win.frames] = xe
+    return x
+
+
+@pytest.mark.parametrize("solver", ["euler", "heun"])
+def test_the_streaming_sampler_equals_a_plain_whole_video_loop(solver):
+    F, n, W, S, M = 11, 2, 2, 8, 2
+    speech, reference = torch.randn(2, F, 4), torch.randn(2, 3, 1, 2, 2)
+    for name in ("synchronous", "asynchronous", "rolling", "pyramid"):
+        levels = all_schedules(F, n, W, S)[name][0]
+        clips = ans.generate_latents(Spy(), speech, reference, levels, n_anchors=M, seed=5, solver=solver,
+                                     progress=False)
+        out = torch.cat([c for _, c in clips], dim=2)
+        ref = whole_video_reference(Spy(), levels, speech, reference, M, 5, solver)
+        torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5, msg=name)
+
+
 def test_clips_are_yielded_in_order_as_soon_as_they_finish():
     F, n, W, S = 9, 2, 2, 8
     levels = ans.asynchronous(F, n, W, S)

@@ -178,5 +178,12 @@ def main(argv):
         print(f"{name:<21}{calls:>7}{row['ms_per_call']:>9.2f}{row['sampler_ms_per_call']:>17.3f}"
               f"{100 * row['overhead_fraction']:>9.2f}%{row['real_time_factor']:>13.2f}")
     figures["async_overhead_fraction"] = figures["overhead"]["asynchronous"]["overhead_fraction"]
+    long_run, whole = figures["async_over_overlap_calls_per_s_long_run"], figures["async_over_overlap_calls_per_s"]
+    print(f"\ntarget: asynchronous calls <= 0.5x synchronous_overlap: {long_run:.3f} in the long run "
+          f"({'met' if long_run <= 0.5 + 1e-9 else 'NOT met'}), {whole:.3f} for the {sec:.0f} s video "
+          f"(warm-up + tail add S(W-1)/W = {S * (W - 1) // W} calls once)")
+    frac = figures["async_overhead_fraction"]
+    print(f"target: sampler overhead < 5% of a tiny-preset generation: {100 * frac:.2f}% "
+          f"({'met' if frac < 0.05 else 'NOT met'}; model: {described})")
     figures["machine"] = machine()
     report(figures)
