@@ -401,7 +401,10 @@ def train(stage="all", preset="tiny", out_dir=None, resume=True, until=None, bun
     log = log or make_logger(out / "train.log", d.master)
     vae_path, sae_path = out / "vae" / "ckpt.pt", out / "speech_ae.pt"
     steps = lambda n: {} if n is None else {"steps": n}  # noqa: E731
-    stats = {}
+    stats, t0 = {}, time.time()
+    log(f"{time.strftime('%Y-%m-%d %H:%M:%S')} train stage={stage} preset={preset} processes={d.world_size} "
+        f"threads={torch.get_num_threads()} torch={torch.__version__}\n  vae {asdict(vae_cfg)}\n  "
+        f"speech_ae {asdict(speech_cfg)}\n  dit {asdict(dit_cfg)}\n  train {asdict(tc)}")
     if stage in ("vae", "all") and d.master:
         stats["vae"] = vae_mod.train_vae(vae_cfg, out_dir=out / "vae", device=d.device, resume=resume,
                                          data_root=tc.data_root, seed=tc.seed, **steps(tc.vae_steps))
@@ -424,6 +427,7 @@ def train(stage="all", preset="tiny", out_dir=None, resume=True, until=None, bun
         if d.master and stats["dit"]["step"] >= tc.steps:
             bundle(bundle_path or out / "model.pt", vae, speech_ae, ema, tc)
             log(f"wrote the generation bundle {bundle_path or out / 'model.pt'}")
+    log(f"stage {stage} done in {(time.time() - t0) / 60:.1f} minutes")
     return stats
 
 
