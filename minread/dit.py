@@ -33,9 +33,13 @@ Our reconstruction (the paper publishes no layer details):
 - classifier-free guidance: learned null audio and null reference tokens replace the
   condition for the samples whose drop flag is set;
 - output: x̂₀ per video token (default; the velocity for sampling is
-  v̂ = (x_τ - x̂₀)/τ, see ans.py) or v̂ directly (`prediction="v"`). On the toy proxy
-  (notebook 05, `python -m minread.bench dit --compare`) x̂₀ trained better; DESIGN §7
-  records the pixel-space calibration that found the same.
+  v̂ = (x_τ - x̂₀)/τ, see ans.py) or v̂ directly (`prediction="v"`). The default
+  follows DESIGN §7's pixel-space calibration (x̂₀: lip-sync r 0.95 after 9 minutes,
+  v̂: 0.63 after 28). A short equal-compute run on a latent proxy
+  (`python -m minread.bench dit --compare 300`: 283 steps each, 1 CPU thread) was not
+  decisive: neither learned lip-sync yet (probe r 0.08 for x̂₀, 0.12 for v̂, against a
+  probe ceiling of 0.92), and v̂ reached the lower latent error (0.014 against 0.185),
+  so the switch stays, to be settled by a full training run.
 """
 
 import math
