@@ -294,7 +294,7 @@ def train_dit(dit_cfg, tc, vae, speech_ae, resume=True, until=None, log=print):
     from minread.data import ToyClipDataset
     from minread.dit import A2VDiT, dit_loss
     d = setup_distributed()
-    torch.manual_seed(tc.seed + d.rank)
+    torch.manual_seed(tc.seed)  # the same initial weights (and EMA) on every rank
     gen = torch.Generator().manual_seed(tc.seed + 1_000_003 * d.rank)  # windows, noise, drops
     vae, speech_ae = vae.to(d.device).eval(), speech_ae.to(d.device).eval()
     cache = load_cache(vae, speech_ae, tc, d)
