@@ -19,9 +19,9 @@ of its temporal VAE. That much is the paper's. Everything below is our reconstru
 - Decoder: the mirror image (nearest upsampling + causal convolutions) back to log-mel.
 - Deterministic latents, no KL, but training adds Gaussian noise to them (half of each
   channel's std): the decoder must then rely on the coarse, robust part of each latent,
-  which made the latents more phonetic (the held-out mouth-opening probe rose from
-  r 0.73 to 0.77 at the same cost; a narrower Da 16, a wider or deeper net, or an extra
-  head predicting the next latent's mel helped less). The DiT gets the latents
+  which made the latents more phonetic (in a sweep on an earlier toy set the held-out
+  mouth-opening probe rose from r 0.73 to 0.77 at the same cost; a narrower Da 16, a
+  wider or deeper net, or an extra head predicting the next latent's mel helped less). The DiT gets the latents
   standardised per channel with buffers fitted after training (`speech_latents`).
 - Training (`train_speech_ae`): self-supervised log-mel reconstruction on the toy
   speech, then the model is frozen. Mouth labels are never used in training; the
@@ -59,7 +59,7 @@ class SpeechAEConfig:
     latent_noise: float = 0.5  # Gaussian noise on the latents in training, in units of each channel's std
     train_frames: int = 33    # video frames per training crop, 1 + s_t*k
     batch_size: int = 32
-    steps: int = 900
+    steps: int = 800
     lr: float = 2e-3
     warmup: int = 50          # linear warm-up steps, then cosine decay to lr / 10
     grad_clip: float = 1.0
@@ -328,9 +328,10 @@ def save_checkpoint(path, **state):
 
 def load_speech_ae(path, cfg=None, device="cpu"):
     """Load a trained, frozen SpeechAE. With cfg (a config or a preset name), refuse a checkpoint of another config."""
+    path = os.fspath(path)
     if not os.path.exists(path):
         raise FileNotFoundError(f"no SpeechAE checkpoint at {path}: train one with "
-                                f"`python -m minread.speech_ae --preset tiny --out {os.path.dirname(path) or '.'}`")
+                                f"`python -m minread train --stage speech_ae --preset tiny` or train_speech_ae(cfg, out=...)")
     ckpt = torch.load(path, map_location=device, weights_only=True)
     if "config" not in ckpt or "model" not in ckpt:
         raise ValueError(f"{path} is not a SpeechAE checkpoint (no 'config'/'model' entries)")
