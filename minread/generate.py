@@ -114,10 +114,13 @@ def sample_video(models, reference_latent, speech_latents, schedule="asynchronou
     F = speech_latents.shape[1]
     levels = make_schedule(schedule, F, models.sampler, steps)        # (steps+1, F)
     cfg = models.sampler.get("cfg", 1.0) if cfg is None else cfg
+    # synchronous_overlap denoises (W-1)*n extra frames per window and throws them away
+    n, W = models.sampler["n"], models.sampler["W"]
+    lookahead = (W - 1) * n if schedule == "synchronous_overlap" else 0
     cache = {}                                                         # the decoder's carried past
     for _, clip in ans.generate_latents(models.dit, speech_latents, reference_latent, levels,
-                                        n_anchors=models.sampler["M"], cfg_scale=cfg, seed=seed,
-                                        progress=progress):
+                                        n_anchors=models.sampler["M"], lookahead=lookahead,
+                                        cfg_scale=cfg, seed=seed, progress=progress):
         yield models.vae.decode_latents(clip, cache).clamp(-1, 1)      # (B, 3, t, H, W)
 
 

@@ -144,3 +144,26 @@ def test_bad_options(models, face, tmp_path):
     torch.save({"model": {}}, tmp_path / "other.pt")
     with pytest.raises(ValueError, match="not a generation bundle"):
         gen.load_models(tmp_path / "other.pt")
+
+
+def test_synchronous_overlap_denoises_whole_windows(models):
+    """synchronous_overlap sees W*n window frames per call (n kept, the rest thrown away);
+    synchronous sees n; both give the same number of frames."""
+    seen = {}
+    forward = models.dit.forward
+
+    def spy(x, levels, *args, **kwargs):
+        seen.setdefault(name, []).append(int((levels[0] > 0).sum()))
+        return forward(x, levels, *args, **kwargs)
+
+    ref = torch.zeros(1, 16, 1, 4, 4)
+    speech_latents = torch.randn(1, 9, 8)
+    models.dit.forward = spy
+    try:
+        frames = {}
+        for name in ("synchronous", "synchronous_overlap"):
+            frames[name] = sum(c.shape[2] for c in gen.sample_video(models, ref, speech_latents, name))
+    finally:
+        del models.dit.forward
+    assert frames["synchronous"] == frames["synchronous_overlap"] == 1 + 4 * 8
+    assert max(seen["synchronous"]) == 2 and max(seen["synchronous_overlap"]) == 4
