@@ -185,7 +185,8 @@ def _cached(cache, key, build):
     if key in cache:
         cache.move_to_end(key)
         return cache[key]
-    value = cache[key] = build()
+    with torch.inference_mode(False):  # a mask first built under inference_mode must serve training too
+        value = cache[key] = build()
     if len(cache) > _CACHE_SIZE:
         cache.popitem(last=False)
     return value

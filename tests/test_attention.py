@@ -208,3 +208,16 @@ def test_cuda_compiled_flex_matches_sdpa_forward_and_grads(name):
     for want, got in zip(results["sdpa"], results["flex"]):
         torch.testing.assert_close(got, want, atol=2e-4, rtol=1e-3)
     assert A.choose_impl(q, k, mask) == ("sdpa" if name == "full" else "flex")
+
+
+def test_masks_cached_under_inference_mode_serve_training():
+    """A mask first built inside torch.inference_mode is reused by a later backward pass."""
+    A.clear_cache()
+    mask = A.audio_window(4, 1, q_offset=4)         # rows before q_offset see no key
+    q, kv = torch.randn(1, 2, 12, 16), torch.randn(1, 2, 2, 16)
+    for impl in ("sdpa", "math"):
+        with torch.inference_mode():
+            attention(q, kv, kv, mask, impl=impl)
+        q_grad = q.clone().requires_grad_(True)
+        attention(q_grad, kv, kv, mask, impl=impl).sum().backward()
+        assert q_grad.grad is not None and torch.isfinite(q_grad.grad).all()
