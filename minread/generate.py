@@ -29,9 +29,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-SAMPLE_RATE = 16000
-FPS = 25
-HOP = SAMPLE_RATE // FPS        # 640 samples per video frame
+from minread.data import FPS, HOP, SAMPLE_RATE  # 25 fps, 640 samples (16 kHz) per video frame
+
 MIN_SECONDS = 0.2
 DEFAULT_CKPT = Path(__file__).parent / "assets" / "tiny.pt"
 SCHEDULES = ("asynchronous", "synchronous", "synchronous_overlap")
