@@ -347,7 +347,10 @@ def dit_loss(model, batch, levels):
     """Rectified-flow loss on the window frames (anchors excluded), DESIGN §7.
 
     x_τ = (1 - τ) x₀ + τ ε per latent frame; the target is x₀ ("x0") or v = ε - x₀
-    ("v"); plain mean squared error over the non-anchor frames.
+    ("v"); mean squared error over the non-anchor frames, weighted per latent cell by
+    `batch["weight"]` (B, 1, 1, h, w) if given. Why weight: the reference fixes most of
+    a window, so the part that moves (the mouth) holds ~2% of the latent variance and an
+    unweighted loss barely sees it (train.py's `motion_weight`).
     """
     x0 = batch["latents"]  # (B, C, F, h, w)
     B, C, F, h, w = x0.shape
@@ -363,4 +366,6 @@ def dit_loss(model, batch, levels):
     x_t = (1 - tau) * x0 + tau * noise  # (B, C, F, h, w)
     pred = model(x_t, levels, batch["audio"], batch["reference"], batch.get("drop_audio"), batch.get("drop_ref"))
     target = x0 if model.prediction == "x0" else noise - x0
-    return (pred - target)[:, :, n_anchors:].pow(2).mean()
+    err = (pred - target)[:, :, n_anchors:].pow(2)  # (B, C, F - n_anchors, h, w)
+    weight = batch.get("weight")
+    return (err if weight is None else err * weight).mean()

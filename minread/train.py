@@ -62,6 +62,7 @@ class TrainConfig:
     S: int = 8                      # denoising steps per clip at evaluation
     cfg_scale: float = 1.0          # audio guidance at evaluation and the bundle's default
     refs_per_clip: int = 4          # cached reference frames per clip
+    motion_weight: float = 4.0      # extra loss weight on latent cells that move (0 = plain MSE)
     # the component stages keep their own recipes; None = the module's default steps
     vae_steps: int = None
     speech_steps: int = None
@@ -239,7 +240,16 @@ def load_cache(vae, speech_ae, tc, d):
     ids = cache["identity"]
     cache["others"] = [[k for k in range(len(ids)) if ids[k] == ids[i] and k != i] or [i]
                        for i in range(len(ids))]                             # same face, other clips
+    cache["motion"] = [motion_map(z) for z in cache["latents"]]
     return cache
+
+
+def motion_map(z):
+    """Where a clip moves: latents (C, F, h, w) -> (h, w), the variance over time of each
+    latent cell averaged over channels, divided by its mean (so the map averages 1).
+    In a talking head that is the mouth (and the eyes); no labels needed."""
+    var = z.var(dim=1).mean(dim=0)                                           # (h, w)
+    return var / var.mean().clamp_min(1e-8)
 
 
 def sample_batch(cache, tc, dit_cfg, gen, device):
@@ -248,7 +258,8 @@ def sample_batch(cache, tc, dit_cfg, gen, device):
     The noise levels come from ANS's training sampler (asynchronous add-noise). A window
     with fewer than M anchors is the start of a video, so it is cut from latent frame 0.
     The reference latent is a frame of another clip of the same identity, so the mouth
-    cannot be copied from it. Noise and condition drops come from `gen`: resume is exact.
+    cannot be copied from it. The loss weight per latent cell comes from the clip's
+    motion map: cells that move count up to 1 + motion_weight times more. Noise and condition drops come from `gen`: resume is exact.
     """
     from minread import ans
     B = tc.batch_size
@@ -256,7 +267,7 @@ def sample_batch(cache, tc, dit_cfg, gen, device):
                              p_drop_ref=dit_cfg.p_drop_ref)                   # levels (B, Fw)
     Fw = draw.levels.shape[1]
     pool = [i for i, z in enumerate(cache["latents"]) if z.shape[1] >= Fw]
-    lat, audio, ref = [], [], []
+    lat, audio, ref, weight = [], [], [], []
     for _ in range(B):
         i = pool[int(torch.randint(len(pool), (1,), generator=gen))]
         z = cache["latents"][i]
@@ -266,7 +277,9 @@ def sample_batch(cache, tc, dit_cfg, gen, device):
         others = cache["others"][i]
         refs = cache["refs"][others[int(torch.randint(len(others), (1,), generator=gen))]]
         ref.append(refs[int(torch.randint(len(refs), (1,), generator=gen))])  # (C, 1, h, w)
+        weight.append((1 + tc.motion_weight * cache["motion"][i]) / (1 + tc.motion_weight))  # (h, w), mean 1
     batch = {"latents": torch.stack(lat), "audio": torch.stack(audio), "reference": torch.stack(ref),
+             "weight": torch.stack(weight)[:, None, None],                  # (B, 1, 1, h, w)
              "n_anchors": draw.n_anchors, "drop_audio": draw.drop_audio, "drop_ref": draw.drop_ref}
     batch["noise"] = torch.randn(batch["latents"].shape, generator=gen)     # (B, C, Fw, h, w)
     batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
