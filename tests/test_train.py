@@ -79,6 +79,34 @@ def test_presets_and_unknown_names():
         tr.train("everything")
 
 
+def test_motion_map_finds_the_moving_cell():
+    torch.manual_seed(0)
+    z = torch.randn(4, 1, 3, 3).expand(4, 6, 3, 3).clone()     # (C, F, h, w), still in time
+    z[:, :, 2, 1] += torch.randn(4, 6)                           # one cell moves
+    m = tr.motion_map(z)
+    assert m.shape == (3, 3) and abs(float(m.mean()) - 1) < 1e-5
+    assert int(m.argmax()) == 2 * 3 + 1 and float(m.flatten().sort().values[-2]) < 1e-4
+
+
+def test_dit_loss_weight_counts_cells():
+    from minread.dit import A2VDiT, DiTConfig, dit_loss
+    torch.manual_seed(0)
+    model = A2VDiT(DiTConfig(latent_channels=4, audio_dim=8, width=32, depth=1, heads=2))
+    B, F = 2, 3
+    batch = {"latents": torch.randn(B, 4, F, 2, 2), "audio": torch.randn(B, F, 8),
+             "reference": torch.randn(B, 4, 1, 2, 2), "n_anchors": 1, "noise": torch.randn(B, 4, F, 2, 2)}
+    levels = torch.rand(B, F)
+    plain = dit_loss(model, batch, levels)
+    assert torch.allclose(dit_loss(model, {**batch, "weight": torch.ones(B, 1, 1, 2, 2)}, levels), plain)
+    w = torch.zeros(B, 1, 1, 2, 2)
+    w[:, :, :, 0, 0] = 4.0                                       # only cell (0, 0) counts
+    with torch.no_grad():
+        pred = model(batch["noise"] * levels.view(B, 1, F, 1, 1) + batch["latents"] * (1 - levels.view(B, 1, F, 1, 1)),
+                     levels, batch["audio"], batch["reference"])
+    manual = ((pred - batch["latents"])[:, :, 1:, 0, 0].pow(2)).mean()   # x0 target, anchors skipped
+    assert torch.allclose(dit_loss(model, {**batch, "weight": w}, levels), manual, atol=1e-6)
+
+
 # ----------------------------------------------------------------------------- end to end
 
 import json
