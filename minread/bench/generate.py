@@ -273,18 +273,18 @@ def main(argv=None):
            for name in names}
     method = None
     for i, (j, c, ref) in enumerate(inputs):
-        wave = c["audio"].numpy()
-        truth = {k: c[k] for k in ("opening", "closed", "viseme")}
+        T = min(len(c["opening"]), len(c["audio"]) // gen.HOP)         # frames with both speech and truth
+        wave = c["audio"][:T * gen.HOP].numpy()
+        truth = {k: c[k][:T] for k in ("opening", "closed", "viseme")}
         for name in names[i % len(names):] + names[:i % len(names)]:   # rotate the order per input
-            video, fig = run(models, ref, wave, name, args.seed + i, args.steps, args.cfg)
-            T = video.shape[1]
+            video, fig = run(models, ref, wave, name, args.seed + i, args.steps, args.cfg)   # (3, T, H, W)
             a = acc[name]
             a["calls"] += fig["calls"]
             a["expected_calls"] += expected_calls(models, T, name, args.steps)
             a["wall_s"] += fig["wall_s"]
             a["seconds"] += fig["seconds"]
             a["peak_mem_mb"] = max(a["peak_mem_mb"], fig["peak_mem_mb"])
-            a["rows"].append(window_metrics(video, {k: v[:T] for k, v in truth.items()}, ref, clip_starts(T, n, s_t)))
+            a["rows"].append(window_metrics(video, truth, ref, clip_starts(T, n, s_t)))
             method = fig["memory_method"]
         print(f"  input {i + 1}/{len(inputs)}: {c['name']} ({c['video'].shape[1]} frames) done", flush=True)
 
