@@ -311,8 +311,10 @@ def train_dit(dit_cfg, tc, vae, speech_ae, resume=True, until=None, log=print):
     gen = torch.Generator().manual_seed(tc.seed + 1_000_003 * d.rank)  # windows, noise, drops
     vae, speech_ae = vae.to(d.device).eval(), speech_ae.to(d.device).eval()
     cache = load_cache(vae, speech_ae, tc, d)
-    test = ToyClipDataset(tc.data_root, "test", size=vae.cfg.image_size, frames=1).clips[:tc.eval_clips] \
-        if d.master and tc.eval_clips else []
+    test = []
+    if d.master and tc.eval_clips:  # spread over the held-out identities, not one face's clips
+        test = ToyClipDataset(tc.data_root, "test", size=vae.cfg.image_size, frames=1).clips
+        test = test[::max(1, len(test) // tc.eval_clips)][:tc.eval_clips]
 
     model = A2VDiT(dit_cfg).to(d.device)
     ema = copy.deepcopy(model).requires_grad_(False).eval()
