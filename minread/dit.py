@@ -43,13 +43,14 @@ Our reconstruction (the paper publishes no layer details):
 """
 
 import math
+import warnings
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
-from torch.nn.functional import layer_norm
+from torch.nn.functional import layer_norm, linear, scaled_dot_product_attention
 
-from minread.attention import attention, audio_window
+from minread.attention import attention, audio_window, dense_mask
 
 
 @dataclass
@@ -101,6 +102,11 @@ def apply_rope(x, cos, sin):
     half = x.shape[-1] // 2
     swapped = torch.cat([x[..., half:], x[..., :half]], -1)
     return x * cos + swapped * sin
+
+
+def apply_rope_fused(x, cos, sin):
+    """apply_rope in three ops: swapping the two halves of hd is a roll by hd/2."""
+    return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, -1), sin)
 
 
 def timestep_embedding(levels, dim):
@@ -165,6 +171,20 @@ class Attention(nn.Module):
         y = y + attention(qk[0], apply_rope(kv[0], *rope_speech), kv[1], mask, self.impl)  # (B, nh, L, hd)
         return self.proj(y.transpose(1, 2).reshape(B, L, D))
 
+    def fused(self, x, k_speech, v_speech, rope, speech_mask):
+        """forward with SDPA called directly: x (B, 1+F, N, D) frame-major tokens; this
+        block's speech keys (rotated) and values (B, nh, F, hd), computed for all blocks at
+        once; speech_mask: additive (L, F) mask and (L, 1) row keep -> (B, 1+F, N, D)."""
+        B, frames, N, D = x.shape
+        L, nh, hd = frames * N, self.heads, D // self.heads
+        qkv = self.qkv(x).view(B, L, 3, nh, hd).permute(2, 0, 3, 1, 4)  # (3, B, nh, L, hd)
+        qk, v = qkv.split([2, 1])  # split, not slices: its backward is one cat, not zero-fills
+        q, k = apply_rope_fused(qk, *rope)                               # (B, nh, L, hd) each
+        y = scaled_dot_product_attention(q, k, v[0])                     # (B, nh, L, hd)
+        bias, keep = speech_mask  # keep zeroes the reference rows, which see no speech
+        y = torch.addcmul(y, scaled_dot_product_attention(q, k_speech, v_speech, attn_mask=bias), keep)
+        return self.proj(y.transpose(1, 2).reshape(B, frames, N, D))
+
 
 class MLP(nn.Module):
     def __init__(self, cfg):
@@ -192,13 +212,22 @@ class Block(nn.Module):
         x = gate(x, m[2], h, frames)
         return gate(x, m[5], self.mlp(modulate(layer_norm(x, (D,)), m[3], m[4], frames)), frames)
 
+    def fused(self, x, m, *attn_args):
+        """forward in the frame-major layout x (B, 1+F, N, D), where the per-frame vectors
+        broadcast without views; m: shift, 1 + scale, gate for attention and MLP,
+        (6, B, 1+F, 1, D)."""
+        D = x.shape[-1]
+        shift, scale1, g, shift2, scale2, g2 = m
+        x = torch.addcmul(x, g, self.attn.fused(torch.addcmul(shift, layer_norm(x, (D,)), scale1), *attn_args))
+        return torch.addcmul(x, g2, self.mlp(torch.addcmul(shift2, layer_norm(x, (D,)), scale2)))
+
 
 # ---- the model -------------------------------------------------------------------
 
 class A2VDiT(nn.Module):
     """Window of noisy latents + levels + speech latents + reference -> x̂₀ (or v̂)."""
 
-    def __init__(self, cfg):
+    def __init__(self, cfg, compile=False):
         super().__init__()
         if cfg.prediction not in ("x0", "v"):
             raise ValueError(f"DiTConfig.prediction must be 'x0' or 'v', got {cfg.prediction!r}")
@@ -219,7 +248,11 @@ class A2VDiT(nn.Module):
         self.ada = nn.Sequential(nn.SiLU(), nn.Linear(D, cfg.depth * 6 * D))
         self.final_ada = nn.Sequential(nn.SiLU(), nn.Linear(D, 2 * D))
         self.final = nn.Linear(D, C * p * p)
-        self._masks, self._ropes = {}, {}
+        self._masks, self._ropes, self._speech_masks = {}, {}, {}
+        # fused: the same computation in fewer, larger ops (run_blocks_fused, tested equal
+        # to run_blocks); compile_inference: torch.compile that path for calls without
+        # gradients (first call per shape compiles, ~20 s on CPU; falls back to eager)
+        self.fused, self.compile_inference = True, compile
         self.initialize()
         print(f"A2VDiT: {self.num_params() / 1e6:.2f}M parameters")
 
@@ -285,6 +318,19 @@ class A2VDiT(nn.Module):
             self._masks[N] = audio_window(N, self.cfg.audio_radius, q_offset=N)
         return self._masks[N]
 
+    def speech_mask_for(self, N, F, device):
+        """The audio mask for the fused path: additive (L, F) with -inf where hidden, and a
+        (L, 1) keep that zeroes the rows with no visible speech (the reference's), as
+        attention.py does; their additive rows are left open so the softmax stays finite."""
+        key = (N, F, device)
+        if key not in self._speech_masks:
+            with torch.inference_mode(False), torch.no_grad():
+                visible = dense_mask(self.audio_mask_for(N), (1 + F) * N, F, device)  # (L, F)
+                keep = visible.any(-1, keepdim=True)                                  # (L, 1)
+                bias = torch.zeros(visible.shape, device=device).masked_fill(~(visible | ~keep), float("-inf"))
+                self._speech_masks[key] = bias, keep.float()
+        return self._speech_masks[key]
+
     def check_inputs(self, x, levels, audio, reference):
         C, p, Da = self.cfg.latent_channels, self.cfg.patch, self.cfg.audio_dim
         if x.ndim != 5 or x.shape[1] != C:
@@ -331,16 +377,62 @@ class A2VDiT(nn.Module):
         shift, scale = self.final_ada(c[:, 1:]).unsqueeze(2).chunk(2, -1)  # (B, F, 1, D) each
         return self.final(modulate(layer_norm(tokens[:, N:], (D,)), shift, scale, frames - 1))
 
+    def run_blocks_fused(self, tokens, c, speech, ropes, speech_mask):
+        """run_blocks in fewer, larger ops (equal up to float rounding, tested): the tokens
+        stay frame-major (B, 1+F, N, D); the adaLN vectors of all blocks, 1 + scale
+        included, come from one matmul and one add; since speech tokens never change, the
+        speech keys and values of all blocks come from one matmul, rotated once;
+        speech_mask: from speech_mask_for. -> video outputs (B, F*N, C*p*p)."""
+        B, L, D = tokens.shape
+        frames, F = c.shape[1], speech.shape[1]
+        N, nh, depth = L // frames, self.cfg.heads, self.cfg.depth
+        scale_one = torch.tensor([0.0, 1, 0, 0, 1, 0], device=c.device).view(6, 1, 1, 1, 1)
+        m = self.ada(c).view(B, frames, 1, depth, 6, D).permute(3, 4, 0, 1, 2, 5) + scale_one  # (depth, 6, B, 1+F, 1, D)
+        kv_weight = torch.cat([block.attn.speech_kv.weight for block in self.blocks])   # (depth*2D, D)
+        kv_bias = torch.cat([block.attn.speech_kv.bias for block in self.blocks])
+        kv = linear(speech, kv_weight, kv_bias).view(B, F, depth, 2, nh, D // nh)         # (B, F, depth, 2, nh, hd)
+        kv = kv.permute(2, 3, 0, 4, 1, 5)                                                 # (depth, 2, B, nh, F, hd)
+        k_speech = apply_rope_fused(kv[:, 0], *ropes[1])                                  # (depth, B, nh, F, hd)
+        x = tokens.view(B, frames, N, D)                                                  # (B, 1+F, N, D)
+        for i, block in enumerate(self.blocks):
+            x = block.fused(x, m[i], k_speech[i], kv[i, 1], ropes[0], speech_mask)
+        shift, scale = self.final_ada(c[:, 1:]).unsqueeze(2).chunk(2, -1)               # (B, F, 1, D) each
+        out = self.final(torch.addcmul(shift, layer_norm(x[:, 1:], (D,)), 1 + scale))   # (B, F, N, C*p*p)
+        return out.view(B, F * N, -1)
+
     def forward(self, x, levels, audio, reference, drop_audio=None, drop_ref=None):
         """x (B, C, F, h, w) anchors + window, levels (B, F), audio (B, F, Da), reference
         (B, C, 1, h, w), drop_* (B,) bool -> x̂₀ or v̂ (B, C, F, h, w)."""
         self.check_inputs(x, levels, audio, reference)
         B, C, F, h, w = x.shape
         p = self.cfg.patch
-        tokens, c, speech = self.embed(x, levels, audio, reference, drop_audio, drop_ref)
         ropes = self.cached_rope(F, h // p, w // p, x.device)
-        out = self.run_blocks(tokens, c, speech, ropes, self.audio_mask_for((h // p) * (w // p)))
-        return self.unpatchify(out, F, h, w)
+        # the fused path calls SDPA itself; other attention impls run the reference path
+        if not (self.fused and all(block.attn.impl == "sdpa" for block in self.blocks)):
+            tokens, c, speech = self.embed(x, levels, audio, reference, drop_audio, drop_ref)
+            out = self.run_blocks(tokens, c, speech, ropes, self.audio_mask_for((h // p) * (w // p)))
+            return self.unpatchify(out, F, h, w)
+        args = (x, levels, audio, reference, drop_audio, drop_ref, ropes,
+                self.speech_mask_for((h // p) * (w // p), F, x.device))
+        if self.compile_inference and not torch.is_grad_enabled():
+            try:
+                return _forward_fused_compiled(self, *args)
+            except Exception as e:  # no compiler, unsupported op, ...: stay correct, eager
+                warnings.warn(f"A2VDiT: torch.compile failed, running eager from now on ({type(e).__name__}: {e})")
+                self.compile_inference = False
+        return self.forward_fused(*args)
+
+    def forward_fused(self, x, levels, audio, reference, drop_audio, drop_ref, ropes, speech_mask):
+        """forward's fused path, from checked inputs and cached tables (what is compiled)."""
+        B, C, F, h, w = x.shape
+        tokens, c, speech = self.embed(x, levels, audio, reference, drop_audio, drop_ref)
+        return self.unpatchify(self.run_blocks_fused(tokens, c, speech, ropes, speech_mask), F, h, w)
+
+
+# One compiled fused forward per process, shared by all models (dynamo guards on the
+# model and the shapes; attention.py raises the recompile limit). Static shapes: each new
+# (B, F) compiles once, and a generation run meets only a few.
+_forward_fused_compiled = torch.compile(A2VDiT.forward_fused, dynamic=False)
 
 
 def dit_loss(model, batch, levels):

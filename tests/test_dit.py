@@ -1,4 +1,5 @@
 import dataclasses
+import warnings
 
 import pytest
 import torch
@@ -55,25 +56,36 @@ def test_blocks_are_identity_at_init():
     for i, block in enumerate(model.blocks):
         out = block(tokens, m[6 * i:6 * i + 6], speech, *ropes, model.audio_mask_for(16))
         assert torch.equal(out, tokens)
-    assert torch.count_nonzero(model(x, levels, audio, ref)) == 0
+    # the fused path too: zero gates leave the tokens as they are
+    k_speech, v_speech = torch.randn(2, 2, 4, 5, 32).unbind(0)
+    m_fused = torch.stack([m[0] + s for s in (0, 1, 0, 0, 1, 0)])  # shift, 1 + scale, gate, ...: (6, B, 1+F, 1, D)
+    for block in model.blocks:
+        frames = tokens.view(2, 6, 16, -1)
+        out = block.fused(frames, m_fused, k_speech, v_speech, ropes[0], model.speech_mask_for(16, 5, x.device))
+        assert torch.equal(out, frames)
+    for fused in (False, True):
+        model.fused = fused
+        assert torch.count_nonzero(model(x, levels, audio, ref)) == 0
 
 
-def test_frame_shift_invariance():
+@pytest.mark.parametrize("fused", [False, True])
+def test_frame_shift_invariance(fused):
     model = make_model()
     x, levels, audio, ref = inputs(model.cfg, F=6)
     tokens, c, speech = model.embed(x, levels, audio, ref)
-    mask = model.audio_mask_for(16)
+    mask = model.speech_mask_for(16, 6, x.device) if fused else model.audio_mask_for(16)
+    run_blocks = model.run_blocks_fused if fused else model.run_blocks
     pos = model.positions(6, 4, 4)
-    out = model.run_blocks(tokens, c, speech, model.rope(pos, 16), mask)
+    out = run_blocks(tokens, c, speech, model.rope(pos, 16), mask)
     for shift in (5, -3, 100):
         moved = pos.clone()
         moved[:, 0] += shift  # every frame index, the reference's and the speech keys' too
-        out2 = model.run_blocks(tokens, c, speech, model.rope(moved, 16), mask)
+        out2 = run_blocks(tokens, c, speech, model.rope(moved, 16), mask)
         assert torch.allclose(out, out2, atol=1e-4), shift
     across = pos.clone()
     across[:, 2] += 1  # sanity: rotary positions do matter (x positions of a token move)
     across[:16, 2] -= 1
-    assert not torch.allclose(out, model.run_blocks(tokens, c, speech, model.rope(across, 16), mask), atol=1e-3)
+    assert not torch.allclose(out, run_blocks(tokens, c, speech, model.rope(across, 16), mask), atol=1e-3)
 
 
 @pytest.mark.parametrize("radius", [0, 1, 2])
@@ -154,6 +166,69 @@ def test_impls_agree_with_sdpa(impl):
 @pytest.mark.slow
 def test_compiled_flex_agrees_with_sdpa():
     test_impls_agree_with_sdpa("flex")
+
+
+@pytest.mark.parametrize("changes", [{}, {"patch": 2, "audio_radius": 0}, {"audio_radius": 2, "prediction": "v"}])
+def test_fused_path_matches_reference(changes):
+    """run_blocks_fused (the default) computes what run_blocks does: outputs and every
+    parameter's gradient, with some conditions dropped."""
+    model = make_model(**changes).train()
+    x, levels, audio, ref = inputs(model.cfg, B=3, F=6)
+    drop_audio, drop_ref = torch.tensor([True, False, False]), torch.tensor([False, True, False])
+    weights = torch.randn(x.shape)
+    results = []
+    for fused in (False, True):
+        model.fused = fused
+        model.zero_grad(set_to_none=True)
+        out = model(x, levels, audio, ref, drop_audio, drop_ref)
+        (out * weights).sum().backward()
+        results.append((out.detach(), {n: p.grad for n, p in model.named_parameters()}))
+    (out_ref, grads_ref), (out_fused, grads_fused) = results
+    assert torch.allclose(out_fused, out_ref, atol=1e-5), (out_fused - out_ref).abs().max()
+    for name, g in grads_ref.items():
+        assert torch.allclose(grads_fused[name], g, rtol=1e-4, atol=1e-5 * g.abs().max()), name
+
+
+def test_fused_path_used_only_with_sdpa():
+    model = make_model()
+    x, levels, audio, ref = inputs(model.cfg)
+    calls = []
+    model.run_blocks_fused = lambda *a: calls.append("fused") or dit.A2VDiT.run_blocks_fused(model, *a)
+    with torch.no_grad():
+        model(x, levels, audio, ref)
+        model.blocks[0].attn.impl = "math"  # another impl: the reference path runs it
+        model(x, levels, audio, ref)
+    assert calls == ["fused"]
+
+
+def test_compiled_inference_matches_eager():
+    model = make_model(dataclasses.replace(dit.tiny(), width=32, depth=2, heads=1))
+    x, levels, audio, ref = inputs(model.cfg, B=1, F=4)
+    with torch.inference_mode():
+        eager = model(x, levels, audio, ref)
+        model.compile_inference = True
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # a silent fallback to eager would pass unnoticed
+            compiled = model(x, levels, audio, ref)
+    assert model.compile_inference
+    assert torch.allclose(compiled, eager, atol=1e-5), (compiled - eager).abs().max()
+    out = model(x, levels, audio, ref)  # with gradients: the eager path, differentiable
+    assert out.requires_grad and torch.allclose(out, eager, atol=1e-5)
+
+
+def test_compile_failure_falls_back_to_eager(monkeypatch):
+    model = make_model()
+    x, levels, audio, ref = inputs(model.cfg)
+
+    def broken(*args):
+        raise RuntimeError("no C++ compiler")
+    monkeypatch.setattr(dit, "_forward_fused_compiled", broken)
+    with torch.no_grad():
+        eager = model(x, levels, audio, ref)
+        model.compile_inference = True
+        with pytest.warns(UserWarning, match="torch.compile failed"):
+            out = model(x, levels, audio, ref)
+    assert torch.equal(out, eager) and not model.compile_inference
 
 
 def test_loss_skips_anchors_and_matches_parameterisation():

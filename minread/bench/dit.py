@@ -1,10 +1,15 @@
 """A2V-DiT speed: `python -m minread.bench dit [--threads 2] [--impls sdpa,math]`.
 
-Measures, on this machine and thread count:
+Measures, on this machine and thread count, side by side (calls interleaved, so load
+from other jobs on a shared machine falls on every variant alike):
 - the forward pass of one ANS window at batch 1 (reference + M anchors + W clips of n
-  latent frames; tiny: 1 + 2 + 2*2 = 7 latent frames, 112 tokens), under torch.no_grad,
-  once per attention implementation (the target for tiny is <= 8 ms);
-- one training step (dit_loss, backward, AdamW) at batch 32 (target <= 0.6 s).
+  latent frames; tiny: 1 + 2 + 2*2 = 7 latent frames, 112 tokens) under
+  torch.inference_mode, through the reference path (`model.fused = False`), the fused
+  path (the default) and the torch.compile'd fused path (`A2VDiT(cfg, compile=True)`;
+  its first call compiles, timed apart), plus the reference path with each other
+  attention impl of --impls (the target for tiny is <= 8 ms);
+- one training step (dit_loss, backward, AdamW) at batch 32, reference against fused
+  path (target <= 0.6 s).
 Wall times (median, min) and CPU time per thread: on a machine shared with other jobs
 the CPU time at --threads 1 is the closest reading of the uncontended wall time.
 Run it under the shared lock on a shared machine:
@@ -22,6 +27,7 @@ trains on CUDA when there is one.
 """
 
 import argparse
+import copy
 import os
 import statistics
 import time
@@ -40,42 +46,48 @@ def window(cfg, B, n_anchors, frames, grid=4, seed=0):
                 n_anchors=n_anchors)
 
 
-def time_forward(model, batch, repeats):
+def time_forward(models, batch, repeats):
+    """{name: model} -> {name: (median ms, min ms, CPU ms per thread)} for one batch."""
     F = batch["latents"].shape[2]
     levels = torch.rand(batch["latents"].shape[0], F)
     levels[:, :batch["n_anchors"]] = 0
     args = (batch["latents"], levels, batch["audio"], batch["reference"])
-    with torch.no_grad():
-        for _ in range(10):
-            model(*args)
-        times, cpu = [], time.process_time()
+    times, cpu = {name: [] for name in models}, dict.fromkeys(models, 0.0)
+    with torch.inference_mode():
+        for model in models.values():
+            for _ in range(10):
+                model(*args)
         for _ in range(repeats):
-            t = time.perf_counter()
-            model(*args)
-            times.append(time.perf_counter() - t)
-        cpu = (time.process_time() - cpu) / repeats / torch.get_num_threads()
-    return statistics.median(times) * 1e3, min(times) * 1e3, cpu * 1e3
+            for name, model in models.items():  # interleaved
+                c, t = time.process_time(), time.perf_counter()
+                model(*args)
+                times[name].append(time.perf_counter() - t)
+                cpu[name] += time.process_time() - c
+    threads = torch.get_num_threads()
+    return {name: (statistics.median(t) * 1e3, min(t) * 1e3, cpu[name] / repeats / threads * 1e3)
+            for name, t in times.items()}
 
 
-def time_train_step(model, batch, steps):
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+def time_train_step(models, batch, steps):
+    """{name: model} -> {name: (median s, min s, CPU s per thread)} per training step."""
+    opts = {name: torch.optim.AdamW(model.parameters(), lr=1e-4) for name, model in models.items()}
     B, F = batch["latents"].shape[0], batch["latents"].shape[2]
-    times = []
+    times, cpu = {name: [] for name in models}, dict.fromkeys(models, 0.0)
     for i in range(steps + 2):
-        if i == 2:
-            cpu = time.process_time()
-        t = time.perf_counter()
         levels = torch.rand(B, F)
         levels[:, :batch["n_anchors"]] = 0
-        loss = dit.dit_loss(model, batch, levels)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        if i >= 2:  # the first steps allocate
-            times.append(time.perf_counter() - t)
-    cpu = (time.process_time() - cpu) / steps / torch.get_num_threads()
-    return statistics.median(times), min(times), cpu
+        for name, model in models.items():  # interleaved
+            c, t = time.process_time(), time.perf_counter()
+            loss = dit.dit_loss(model, batch, levels)
+            opts[name].zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opts[name].step()
+            if i >= 2:  # the first steps allocate
+                times[name].append(time.perf_counter() - t)
+                cpu[name] += time.process_time() - c
+    threads = torch.get_num_threads()
+    return {name: (statistics.median(t), min(t), cpu[name] / steps / threads) for name, t in times.items()}
 
 
 def proxy_latents(video, audio):
@@ -203,8 +215,9 @@ def main(argv):
     ap = argparse.ArgumentParser(prog="python -m minread.bench dit", description=__doc__.split("\n")[0])
     ap.add_argument("--preset", default="tiny", choices=["tiny", "small"], help="DiT preset")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
-    ap.add_argument("--impls", default="sdpa,math", help="attention impls to time for the forward "
-                    "(comma list of sdpa, math, flex, flex_eager; flex compiles first)")
+    ap.add_argument("--impls", default="math", help="other attention impls to time the reference path's "
+                    "forward with (comma list of math, flex, flex_eager; flex compiles first; empty: none)")
+    ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile'd forward (~20 s to compile)")
     ap.add_argument("--anchors", type=int, default=2, help="motion anchors M")
     ap.add_argument("--frames", type=int, default=4, help="window frames W*n")
     ap.add_argument("--batch", type=int, default=32, help="training batch size")
@@ -231,22 +244,36 @@ def main(argv):
             p.normal_(0, 0.02)
     figures = {"bench": "dit", "preset": args.preset, "params": model.num_params(), **bench.machine()}
 
-    step_s, step_min, step_cpu = time_train_step(model.train(), window(cfg, args.batch, args.anchors, args.frames),
-                                        args.steps)
-    print(f"train step, batch {args.batch}: median {step_s:.3f} s (min {step_min:.3f} s, CPU time per thread "
-          f"{step_cpu:.3f} s)  target <= 0.6 s")
-    figures.update(train_step_s=step_s, train_step_min_s=step_min, train_step_cpu_s=step_cpu)
+    def variant(fused=True, compile=False, impl="sdpa"):  # the same weights, another path
+        m = copy.deepcopy(model)
+        m.fused, m.compile_inference = fused, compile
+        for block in m.blocks:
+            block.attn.impl = impl
+        return m
 
-    model.eval()
+    steps = time_train_step({"reference": variant(fused=False).train(), "fused": variant().train()},
+                            window(cfg, args.batch, args.anchors, args.frames), args.steps)
+    for name, (med, low, cpu) in steps.items():
+        print(f"train step, batch {args.batch}, {name} path: median {med:.3f} s (min {low:.3f} s, "
+              f"CPU time per thread {cpu:.3f} s)  target <= 0.6 s")
+    figures.update(train_step_s=steps["fused"][0], train_step_min_s=steps["fused"][1],
+                   train_step_cpu_s=steps["fused"][2], train_step_reference_s=steps["reference"][0])
+
     one = window(cfg, 1, args.anchors, args.frames)
     tokens = (1 + args.anchors + args.frames) * 16
-    for impl in args.impls.split(","):
-        for block in model.blocks:
-            block.attn.impl = impl
-        med, low, cpu = time_forward(model, one, args.repeats)
-        print(f"forward, 1 window ({tokens} tokens), impl={impl}: median {med:.2f} ms (min {low:.2f} ms, "
+    models = {"reference": variant(fused=False), "fused": variant()}
+    if not args.no_compile:
+        models["compiled"] = variant(compile=True).eval()
+        t = time.perf_counter()
+        with torch.inference_mode():
+            models["compiled"](one["latents"], torch.zeros(1, one["latents"].shape[2]), one["audio"], one["reference"])
+        figures["compile_s"] = time.perf_counter() - t
+        print(f"compiling the fused forward took {figures['compile_s']:.1f} s (once per shape and process)")
+    models.update({f"reference impl={impl}": variant(fused=False, impl=impl)
+                   for impl in args.impls.split(",") if impl and impl != "sdpa"})
+    for name, (med, low, cpu) in time_forward({k: m.eval() for k, m in models.items()}, one, args.repeats).items():
+        print(f"forward, 1 window ({tokens} tokens), {name} path: median {med:.2f} ms (min {low:.2f} ms, "
               f"CPU time per thread {cpu:.2f} ms)  target <= 8 ms")
-        figures[f"forward_ms_{impl}"] = med
-        figures[f"forward_min_ms_{impl}"] = low
-        figures[f"forward_cpu_ms_{impl}"] = cpu
+        key = {"fused": "sdpa"}.get(name, name.replace("reference impl=", "").replace(" ", "_"))
+        figures.update({f"forward_ms_{key}": med, f"forward_min_ms_{key}": low, f"forward_cpu_ms_{key}": cpu})
     bench.report(figures)
