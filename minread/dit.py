@@ -40,6 +40,16 @@ Our reconstruction (the paper publishes no layer details):
   decisive: neither learned lip-sync yet (probe r 0.08 for x̂₀, 0.12 for v̂, against a
   probe ceiling of 0.92), and v̂ reached the lower latent error (0.014 against 0.185),
   so the switch stays, to be settled by a full training run.
+
+Two paths compute the same model (tests/test_dit.py compares outputs and gradients):
+`run_blocks` and the blocks' `forward`, written for reading, and `run_blocks_fused`, the
+default, which does the same work in fewer, larger ops (tokens kept frame-major so the
+per-frame vectors broadcast without views, the adaLN vectors and the speech keys/values
+of all blocks each from one matmul, SDPA called directly). `A2VDiT(cfg, compile=True)`
+also runs the fused path through torch.compile for calls without gradients (sampling),
+falling back to eager if compilation fails: at the tiny size per-op overhead is a large
+share of a forward pass, and compiling also fuses the elementwise ops (GELU, rotary,
+modulation) that the matmuls leave.
 """
 
 import math
@@ -318,17 +328,17 @@ class A2VDiT(nn.Module):
             self._masks[N] = audio_window(N, self.cfg.audio_radius, q_offset=N)
         return self._masks[N]
 
-    def speech_mask_for(self, N, F, device):
+    def speech_mask_for(self, N, F, device, dtype=torch.float32):
         """The audio mask for the fused path: additive (L, F) with -inf where hidden, and a
         (L, 1) keep that zeroes the rows with no visible speech (the reference's), as
         attention.py does; their additive rows are left open so the softmax stays finite."""
-        key = (N, F, device)
+        key = (N, F, device, dtype)
         if key not in self._speech_masks:
             with torch.inference_mode(False), torch.no_grad():
                 visible = dense_mask(self.audio_mask_for(N), (1 + F) * N, F, device)  # (L, F)
                 keep = visible.any(-1, keepdim=True)                                  # (L, 1)
-                bias = torch.zeros(visible.shape, device=device).masked_fill(~(visible | ~keep), float("-inf"))
-                self._speech_masks[key] = bias, keep.float()
+                bias = torch.zeros(visible.shape, device=device, dtype=dtype)
+                self._speech_masks[key] = bias.masked_fill(~(visible | ~keep), float("-inf")), keep.to(dtype)
         return self._speech_masks[key]
 
     def check_inputs(self, x, levels, audio, reference):
@@ -413,7 +423,7 @@ class A2VDiT(nn.Module):
             out = self.run_blocks(tokens, c, speech, ropes, self.audio_mask_for((h // p) * (w // p)))
             return self.unpatchify(out, F, h, w)
         args = (x, levels, audio, reference, drop_audio, drop_ref, ropes,
-                self.speech_mask_for((h // p) * (w // p), F, x.device))
+                self.speech_mask_for((h // p) * (w // p), F, x.device, x.dtype))
         if self.compile_inference and not torch.is_grad_enabled():
             try:
                 return _forward_fused_compiled(self, *args)
