@@ -116,6 +116,31 @@ def test_overfit_one_batch():
     assert losses[-1] < 0.2 * losses[0]
 
 
+def test_span_means_average_each_latents_own_mel_frames():
+    model = SpeechAE(sae.tiny())
+    s_t, k = 4, 3
+    mel = log_mel(babble((1 + s_t * k) * 640)[None])                              # (1, 80, 52)
+    x = (mel - model.mel_mean[:, None]) / model.mel_std[:, None]
+    target = sae.span_means(model, mel)                                          # (1, 1 + k, 80)
+    assert target.shape == (1, 1 + k, 80)
+    silence = (sae.LOG_FLOOR - model.mel_mean) / model.mel_std
+    assert torch.allclose(target[0, 0], (12 * silence + x[0, :, :4].sum(1)) / 16, atol=1e-5)   # padded first latent
+    for j in range(1, k + 1):                                                    # latent j: mel frames 4 + 16(j-1) ..
+        assert torch.allclose(target[0, j], x[0, :, 4 + 16 * (j - 1): 4 + 16 * j].mean(1), atol=1e-5)
+
+
+def test_span_readout_loss_reaches_the_encoder():
+    cfg = micro()
+    model, head = SpeechAE(cfg), torch.nn.Linear(cfg.latent_dim, cfg.n_mels)
+    mel = log_mel(torch.stack([babble(9 * 640, seed=s) for s in range(2)]))
+    off = sae.ae_loss(model, head, mel, dataclasses.replace(cfg, span_weight=0.0, latent_noise=0.0))
+    on = sae.ae_loss(model, head, mel, dataclasses.replace(cfg, span_weight=1.0, latent_noise=0.0))
+    assert on > off
+    (on - off).backward()                                                        # the read-out term alone
+    assert model.encoder.conv_in.weight.grad.abs().sum() > 0 and head.weight.grad.abs().sum() > 0
+    assert model.decoder.conv_out.weight.grad is None or model.decoder.conv_out.weight.grad.abs().sum() < 1e-6
+
+
 def test_train_resume_is_exact_and_checkpoint_is_checked(tmp_path):
     cfg = micro()
     audio = [babble(20 * 640, seed=s) for s in range(6)]
@@ -130,7 +155,10 @@ def test_train_resume_is_exact_and_checkpoint_is_checked(tmp_path):
         assert torch.equal(p, q), name
     assert not (tmp_path / "a.pt.tmp").exists()
     ckpt = torch.load(tmp_path / "a.pt", weights_only=True)
-    assert {"model", "optimizer", "step", "rng", "config"} <= set(ckpt)
+    assert {"model", "span_head", "optimizer", "step", "rng", "config"} <= set(ckpt)
+    head_b = torch.load(tmp_path / "b.pt", weights_only=True)["span_head"]
+    for name, p in ckpt["span_head"].items():                                     # the read-out resumes too
+        assert torch.equal(p, head_b[name]), name
     z = a.speech_latents(torch.stack(audio[:4]))                                 # standardised on train audio
     assert z.mean().abs() < 0.2 and (z.std() - 1).abs() < 0.2
     with pytest.raises(ValueError, match="latent_dim: checkpoint 8 vs requested 32"):
