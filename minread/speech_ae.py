@@ -479,6 +479,9 @@ def train_speech_ae(cfg, steps=None, out="runs/speech_ae_tiny/ckpt.pt", data_roo
         stored = {k: ckpt["config"][k] for k in MODEL_FIELDS}
         if stored != {k: getattr(cfg, k) for k in MODEL_FIELDS}:
             raise ValueError(f"{out} holds a SpeechAE of another config ({stored}); pass resume=False or another out")
+        if "span_head" not in ckpt:
+            raise ValueError(f"{out} was written before the span read-out was added and cannot resume exactly; "
+                             f"pass resume=False (`--restart` for `python -m minread train`) to train afresh")
         model.load_state_dict(ckpt["model"])
         span_head.load_state_dict(ckpt["span_head"])
         opt.load_state_dict(ckpt["optimizer"])

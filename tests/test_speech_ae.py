@@ -165,6 +165,11 @@ def test_train_resume_is_exact_and_checkpoint_is_checked(tmp_path):
         load_speech_ae(tmp_path / "a.pt", "tiny")
     with pytest.raises(FileNotFoundError, match="no SpeechAE checkpoint"):
         load_speech_ae(tmp_path / "missing.pt")
+    del ckpt["span_head"]                                                        # a checkpoint from before the read-out
+    torch.save(ckpt, tmp_path / "old.pt")
+    assert load_speech_ae(tmp_path / "old.pt").cfg.latent_dim == 8                # still loads for inference
+    with pytest.raises(ValueError, match="resume=False"):
+        train_speech_ae(cfg, steps=8, out=tmp_path / "old.pt", **kw)
 
 
 @pytest.mark.parametrize("wave, rate, match", [
