@@ -60,8 +60,13 @@ def cmd_render_data(args):
 def cmd_train(args):
     """Train one stage or all three; under torchrun the DiT stage runs data-parallel."""
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # 2-core machines stall without it
-    from minread.train import train
-    train(args.stage, args.preset, out_dir=args.out_dir, resume=not args.restart, bundle_path=args.bundle)
+    from dataclasses import replace
+    from minread.train import presets, train
+    overrides = {k: v for k, v in (("steps", args.dit_steps), ("vae_steps", args.vae_steps),
+                                   ("speech_steps", args.speech_steps), ("batch_size", args.batch_size),
+                                   ("data_root", args.data_root), ("seed", args.seed)) if v is not None}
+    tc = replace(presets(args.preset)[3], **overrides)
+    train(args.stage, args.preset, out_dir=args.out_dir, resume=not args.restart, bundle_path=args.bundle, tc=tc)
 
 
 def cmd_generate(args):
@@ -111,6 +116,12 @@ def build_parser():
     p.add_argument("--out-dir", default=None, help="checkpoints, latent cache and log (default runs/PRESET)")
     p.add_argument("--bundle", default=None, help="where the generation checkpoint goes (default OUT_DIR/model.pt)")
     p.add_argument("--restart", action="store_true", help="ignore existing checkpoints instead of resuming")
+    p.add_argument("--dit-steps", type=int, default=None, help="A2V-DiT optimiser steps (default: the preset's)")
+    p.add_argument("--vae-steps", type=int, default=None, help="VAE steps (default: vae.py's recipe)")
+    p.add_argument("--speech-steps", type=int, default=None, help="SpeechAE steps (default: speech_ae.py's recipe)")
+    p.add_argument("--batch-size", type=int, default=None, help="DiT windows per step and process (default: the preset's)")
+    p.add_argument("--data-root", default=None, help="toy data set to train on (default data_toy)")
+    p.add_argument("--seed", type=int, default=None, help="seed of every random choice (default 0)")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("generate", help="generate a lip-synced talking-head mp4 from a face image and speech")
