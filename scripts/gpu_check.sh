@@ -24,6 +24,8 @@ VAE_STEPS=${VAE_STEPS:-300}        # small-preset VAE steps
 SPEECH_STEPS=${SPEECH_STEPS:-100}  # SpeechAE steps (train_speech_ae runs on the CPU only)
 DIT_STEPS=${DIT_STEPS:-400}        # A2V-DiT steps
 BATCH=${BATCH:-16}                 # DiT batch (the small preset's)
+VAE_IDENTITIES=${VAE_IDENTITIES:-0}  # faces the VAE renders to train on (preset 400: minutes on one core;
+                                     # 0 = DATA's train split)
 TRAIN_TIMEOUT=${TRAIN_TIMEOUT:-330}  # seconds for the whole training step
 IDS=${IDS:-2}                      # held-out identities in the generation benchmarks
 LONG_SECONDS=${LONG_SECONDS:-20}   # length of the long-video check (10 s windows)
@@ -78,14 +80,18 @@ fi
 # 2. a short small-preset training run: VAE -> SpeechAE -> A2V-DiT, then the generation bundle
 if (( HAVE_AV )) && [[ -f $DATA/manifest.json ]]; then
   step "train --stage all --preset small (${VAE_STEPS}/${SPEECH_STEPS}/${DIT_STEPS} steps)" "$TRAIN_TIMEOUT" \
-    python - "$OUT_DIR" "$DATA" "$VAE_STEPS" "$SPEECH_STEPS" "$DIT_STEPS" "$BATCH" "$DEVICE" <<'EOF'
+    python - "$OUT_DIR" "$DATA" "$VAE_STEPS" "$SPEECH_STEPS" "$DIT_STEPS" "$BATCH" "$DEVICE" "$VAE_IDENTITIES" <<'EOF'
 import sys, time
 from dataclasses import replace
 import torch
 from minread import train as tr
-out, data, vae_steps, speech_steps, dit_steps, batch, device = sys.argv[1:]
+from minread import vae as vae_mod
+out, data, vae_steps, speech_steps, dit_steps, batch, device, vae_ids = sys.argv[1:]
 if device == "cpu":                   # train() picks CUDA whenever it is there; hide it for a CPU check
     torch.cuda.is_available = lambda: False
+# train() passes only the step count on to train_vae; the face bank size goes in here
+_train_vae = vae_mod.train_vae
+vae_mod.train_vae = lambda *a, **k: _train_vae(*a, **{"identities": int(vae_ids), **k})
 vae_cfg, speech_cfg, dit_cfg, tc = tr.presets("small")
 speech_cfg = replace(speech_cfg, batch_size=min(speech_cfg.batch_size, 4 * int(batch)),
                      eval_every=max(1, int(speech_steps) // 2))
