@@ -30,6 +30,11 @@ Our reconstruction (the paper publishes no layer details):
   (a cross-attention layer's q and output projections cost ~15% more compute at this
   size). The reference's queries see no speech: attention.py returns zeros for rows with
   no visible key instead of SDPA's NaN;
+- speech also enters the per-frame adaLN: frame f's conditioning is the level embedding
+  of τ_f plus a linear map of speech token f (zero at init). A short equal-step test on
+  the tiny preset (500 steps, same seed and held-out clips) gave LipCorr 0.52 with it
+  against 0.22 with the attention path alone: the mouth state is a per-frame quantity,
+  and modulating every layer of the frame carries it faster than attention learns to;
 - classifier-free guidance: learned null audio and null reference tokens replace the
   condition for the samples whose drop flag is set;
 - output: x̂₀ per video token (default; the velocity for sampling is
@@ -253,6 +258,7 @@ class A2VDiT(nn.Module):
         self.null_ref = nn.Parameter(torch.zeros(D))  # replaces every reference token when dropped
         self.audio_embed = nn.Sequential(nn.Linear(cfg.audio_dim, D), nn.SiLU(), nn.Linear(D, D))
         self.null_audio = nn.Parameter(torch.zeros(D))  # replaces every speech token when dropped
+        self.audio_cond = nn.Linear(D, D)  # speech token f -> frame f's adaLN conditioning
         self.level_embed = LevelEmbedder(D)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.depth))
         # adaLN of all blocks in one matmul: 6 vectors (shift, scale, gate for attention
@@ -279,7 +285,7 @@ class A2VDiT(nn.Module):
         nn.init.normal_(self.ref_frame, std=0.02)
         for lin in self.level_embed.mlp[0], self.level_embed.mlp[2]:
             nn.init.normal_(lin.weight, std=0.02)
-        for lin in self.ada[1], self.final_ada[1], self.final:  # adaLN-Zero
+        for lin in self.ada[1], self.final_ada[1], self.final, self.audio_cond:  # adaLN-Zero
             nn.init.zeros_(lin.weight)
             nn.init.zeros_(lin.bias)
 
@@ -372,6 +378,7 @@ class A2VDiT(nn.Module):
         if drop_audio is not None:
             speech = torch.where(drop_audio.view(B, 1, 1), self.null_audio, speech)
         c = self.level_embed(torch.cat([levels.new_zeros(B, 1), levels], 1))  # (B, 1+F, D); reference is clean
+        c = c + nn.functional.pad(self.audio_cond(speech), (0, 0, 1, 0))  # frame f also hears speech f
         return tokens, c, speech
 
     def modulation(self, c):

@@ -126,6 +126,18 @@ def test_level_changes_only_its_frame_modulation():
         assert torch.equal(changed, expected)
 
 
+def test_speech_changes_only_its_frame_conditioning():
+    model = make_model()
+    x, levels, audio, ref = inputs(model.cfg, F=6)
+    c = model.embed(x, levels, audio, ref)[1]                   # (B, 1+F, D)
+    audio2 = audio.clone()
+    audio2[0, 2] += 1.0
+    changed = (model.embed(x, levels, audio2, ref)[1] - c).abs().amax(-1) > 0
+    expected = torch.zeros_like(changed)
+    expected[0, 1 + 2] = True                                   # row 0 is the reference: it hears nothing
+    assert torch.equal(changed, expected)
+
+
 def test_null_tokens_used_exactly_when_dropped():
     model = make_model()
     x, levels, audio, ref = inputs(model.cfg, B=3)
