@@ -213,7 +213,7 @@ def test_mouth_region_finds_the_mouth_and_nothing_on_plain_frames():
 
 def test_train_resume_is_exact_and_checkpoint_loads(toy_root, tmp_path):
     kw = dict(steps=4, batch_size=2, frames=5, eval_every=4, ckpt_every=2, eval_frames=9,
-              data_root=str(toy_root), progress=False)
+              identities=2, data_root=str(toy_root), progress=False)      # renders 2 faces each run
     cfg = _micro()
     whole = V.train_vae(cfg, tmp_path / "a", **kw)
     V.train_vae(cfg, tmp_path / "b", until=2, **kw)                      # "interrupted" at step 2
@@ -232,14 +232,41 @@ def test_train_resume_is_exact_and_checkpoint_loads(toy_root, tmp_path):
 def test_load_refuses_another_config(toy_root, tmp_path):
     cfg = _micro()
     V.train_vae(cfg, tmp_path, steps=1, batch_size=1, frames=5, eval_every=10, data_root=str(toy_root),
-                progress=False)
+                identities=0, progress=False)
     other = V.VAEConfig(**{**V.asdict(cfg), "latent_channels": 4})
     with pytest.raises(ValueError, match="latent_channels: checkpoint 8 vs requested 4"):
         V.load_vae(tmp_path / "ckpt.pt", other)
     with pytest.raises(ValueError, match="latent_channels"):               # resuming into it too
-        V.train_vae(other, tmp_path, steps=2, batch_size=1, frames=5, data_root=str(toy_root), progress=False)
+        V.train_vae(other, tmp_path, steps=2, batch_size=1, frames=5, data_root=str(toy_root), identities=0,
+                    progress=False)
     with pytest.raises(FileNotFoundError, match="train one"):
         V.load_vae(tmp_path / "missing.pt")
+
+
+def test_rendered_training_faces_are_not_the_held_out_ones(toy_root):
+    import json
+    bank = V.ClipBank.render(3, 32, seed=3)
+    again = V.ClipBank.render(3, 32, seed=3)
+    assert all(torch.equal(a, b) for a, b in zip(bank.video, again.video))   # deterministic from the seed
+    manifest = json.loads((toy_root / "manifest.json").read_text())
+    toy_faces = {ident["params"]["seed"] for ident in manifest["identities"]}
+    assert toy_faces and not toy_faces & set(bank.identity)
+    assert bank.video[0].dtype == torch.uint8 and bank.video[0].shape[0] == 3
+
+
+def test_per_frame_convs_keep_streaming_exact():
+    cfg = V.VAEConfig(image_size=32, spatial=8, temporal=4, latent_channels=8, widths=(16, 16, 32), groups=4,
+                      time_kernel=(1, 1, 3))
+    model = _random_decoder_out(V.VAE(cfg).eval())
+    video = _video(1, 17, 32)
+    with torch.no_grad():
+        mean, _ = model.encode(video)
+        streamed = torch.cat(list(V.encode_stream(model, [video[:, :, :5], video[:, :, 5:13], video[:, :, 13:]])), 2)
+        whole = model.decode(mean)
+        chunks = torch.cat(list(V.decode_stream(model, mean.split(2, dim=2))), 2)
+    assert (streamed - mean).abs().max() <= 1e-5 and (chunks - whole).abs().max() <= 1e-5
+    with pytest.raises(ValueError, match="time_kernel"):
+        V.VAEConfig(time_kernel=(1, 3))
 
 
 def test_small_preset_trains_a_few_steps_on_cpu():
