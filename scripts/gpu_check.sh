@@ -11,9 +11,10 @@
 # (training, generation) are reported as SKIPPED and the attention steps still run. The exit status is
 # non-zero when any step that ran failed.
 #
-# `python -m minread train` has no flags for the step counts, batch size, data root or device, so the
-# training step calls minread.train.train() with those overrides; the command line equivalent without them is
-# `python -m minread train --stage all --preset small --out-dir $OUT_DIR` (20000 DiT steps: hours).
+# The training step calls minread.train.train() directly: the command line equivalent,
+# `python -m minread train --stage all --preset small --out-dir $OUT_DIR --restart --vae-steps N
+# --speech-steps N --dit-steps N --batch-size B --data-root DATA`, has no flag for the VAE's face bank
+# (400 faces rendered on one core: minutes) or for forcing the CPU, which this short check needs.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
