@@ -58,9 +58,18 @@ def load_models(ckpt=None, device="cpu"):
     models = []
     for key, cls, cfg_cls in (("vae", VAE, VAEConfig), ("speech_ae", SpeechAE, SpeechAEConfig),
                               ("dit", A2VDiT, DiTConfig)):
-        model = cls(cfg_cls(**pack[key]["config"]))
-        model.load_state_dict({k: v.float() if v.is_floating_point() else v
-                               for k, v in pack[key]["state"].items()})
+        try:
+            model = cls(cfg_cls(**pack[key]["config"]))
+        except TypeError as e:  # a setting this version of minread does not know
+            raise ValueError(f"{path}: its {key} config does not fit this version of minread ({e}); "
+                             f"retrain with `python -m minread train` or use a matching version") from None
+        state = {k: v.float() if v.is_floating_point() else v for k, v in pack[key]["state"].items()}
+        missing, unexpected = model.state_dict().keys() - state.keys(), state.keys() - model.state_dict().keys()
+        if missing or unexpected:
+            raise ValueError(f"{path}: its {key} weights were made by another version of the model "
+                             f"(missing {sorted(missing)[:4]}, unexpected {sorted(unexpected)[:4]}); "
+                             f"retrain with `python -m minread train` or use a matching version")
+        model.load_state_dict(state)
         models.append(model.to(device).eval().requires_grad_(False))
     return Models(*models, sampler=dict(pack["sampler"]))
 
@@ -124,6 +133,31 @@ def sample_video(models, reference_latent, speech_latents, schedule="asynchronou
 
 
 @torch.no_grad()
+def encode_speech(speech_ae, wave, chunk=64, context=16):
+    """speech_ae.speech_latents(wave) for wave (B, T*640), T = 1 + s_t*k, computed `chunk`
+    latents at a time so that memory does not grow with the length of the audio.
+
+    The encoder is causal with a finite receptive field, so latents a..b-1 only need the
+    audio from `context` latents earlier. A piece of audio that starts at video frame
+    s_t*c puts its latent i >= 1 exactly on the whole clip's latent c + i (the first one,
+    frame s_t*c alone, is thrown away). Tested equal to the one-pass encoding.
+    """
+    s_t, hop = speech_ae.cfg.s_t, HOP                                  # video frames per latent, samples per frame
+    F = 1 + (wave.shape[1] // hop - 1) // s_t
+    if F <= chunk + context:
+        return speech_ae.speech_latents(wave)
+    pieces = []
+    for a in range(0, F, chunk):
+        b, c = min(F, a + chunk), max(0, a - context)
+        if c == 0:
+            z = speech_ae.speech_latents(wave[:, :(s_t * (b - 1) + 1) * hop])[:, a:b]
+        else:
+            z = speech_ae.speech_latents(wave[:, s_t * c * hop:(s_t * (b - 1) + 1) * hop])[:, a - c:b - c]
+        pieces.append(z)                                                 # (B, b-a, Da)
+    return torch.cat(pieces, 1)                                          # (B, F, Da)
+
+
+@torch.no_grad()
 def stream_frames(models, reference, wave, schedule="asynchronous", steps=None, cfg=None, seed=0,
                   progress=False):
     """reference (3, H, W) in [-1, 1], wave (S,) 16 kHz -> video chunks (3, t, H, W), exactly
@@ -132,7 +166,7 @@ def stream_frames(models, reference, wave, schedule="asynchronous", steps=None, 
     frames = output_frames(len(wave))
     T = model_frames(frames, models.vae.cfg.temporal)
     audio = torch.from_numpy(fit_audio(np.asarray(wave, dtype=np.float32), T))[None].to(device)  # (1, T*640)
-    speech = models.speech_ae.speech_latents(audio)                                     # (1, F, Da)
+    speech = encode_speech(models.speech_ae, audio)                                     # (1, F, Da)
     ref = models.vae.encode_latents(reference[None, :, None].to(device))                # (1, C, 1, h, w)
     left = frames
     for chunk in sample_video(models, ref, speech, schedule, steps, cfg, seed, progress):

@@ -167,3 +167,32 @@ def test_synchronous_overlap_denoises_whole_windows(models):
         del models.dit.forward
     assert frames["synchronous"] == frames["synchronous_overlap"] == 1 + 4 * 8
     assert max(seen["synchronous"]) == 2 and max(seen["synchronous_overlap"]) == 4
+
+
+def test_chunked_speech_encoding_equals_one_pass():
+    torch.manual_seed(0)
+    sae = speech_ae.SpeechAE(speech_ae.tiny()).eval()
+    with torch.no_grad():
+        for p in sae.parameters():                          # a random, not a trained, encoder
+            p.normal_(0, 0.1)
+        wave = torch.randn(1, (1 + 4 * 90) * gen.HOP) * 0.1
+        whole = sae.speech_latents(wave)                     # (1, 91, Da)
+        chunked = gen.encode_speech(sae, wave, chunk=8, context=16)
+    assert chunked.shape == whole.shape
+    assert (chunked - whole).abs().max() < 1e-5
+
+
+def test_bundle_from_another_model_version_is_refused(models, tmp_path):
+    from minread.train import TrainConfig, bundle
+    path = tmp_path / "model.pt"
+    bundle(path, models.vae, models.speech_ae, models.dit, TrainConfig())
+    assert gen.load_models(path).dit.cfg == models.dit.cfg
+    pack = torch.load(path, weights_only=True)
+    del pack["dit"]["state"]["audio_cond.weight"]              # as a bundle from an older DiT
+    torch.save(pack, path)
+    with pytest.raises(ValueError, match="another version of the model.*audio_cond.weight"):
+        gen.load_models(path)
+    pack["dit"]["config"]["no_such_setting"] = 1
+    torch.save(pack, path)
+    with pytest.raises(ValueError, match="does not fit this version"):
+        gen.load_models(path)
