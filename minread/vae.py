@@ -399,13 +399,12 @@ def count_parameters(cfg):
 
 @dataclass
 class VAETrainConfig:
-    """The tiny recipe. Measured on data_toy's held-out identities (24 clips of 49 frames), one
-    thread on a shared 2-core CPU: 1500 steps (22 min of training at ~0.9 s/step with the CPU
-    oversubscribed, plus 2 min rendering the faces) reach PSNR 23.1 dB, LipCorr 0.33 (true
-    frames 0.98); the 3x3x3-everywhere model of the same widths reached 25.0 dB / 0.69 after
-    3000 steps in 35 min. The 3000-step default is 20 min at the idle-machine 0.4 s/step; the
-    targets (30 dB, LipCorr 0.90) are not reached yet: more steps and a sharper finest level are
-    the open levers."""
+    """The tiny recipe. Measured with `python -m minread train --stage vae --preset tiny`, one
+    thread, on data_toy's held-out identities (24 clips of 49 frames): 3000 steps in 19.9 min
+    (0.7 min rendering the faces, ~0.38 s/step) reach PSNR 24.2 dB, LipCorr 0.70 (true frames
+    0.98); the 3x3x3-everywhere model of the same widths reached 25.0 dB / 0.69 in 35 min. The
+    targets (30 dB, LipCorr 0.90) are not reached yet: more steps and a sharper finest level
+    are the open levers."""
     steps: int = 3000               # optimiser steps (the LR schedule spans them)
     batch_size: int = 16            # clips per step
     frames: int = 9                 # T per training window (1 + s_t*k)
