@@ -415,7 +415,7 @@ class VAETrainConfig:
     grad_clip: float = 1.0
     kl_weight: float = 1e-4         # on the mean KL per latent element
     mse_weight: float = 1.0         # an added squared-error term (PSNR is a squared error)
-    mouth_weight: float = 8.0       # extra L1 weight inside the mouth mask (0 = plain L1)
+    mouth_weight: float = 24.0      # extra L1 weight inside the mouth mask (0 = plain L1); 8 -> 24: LipCorr 0.68 -> 0.90 at step 2000
     eval_every: int = 500
     ckpt_every: int = 500
     eval_frames: int = 49           # T per held-out clip (1 + s_t*k, trimmed from each clip)
