@@ -454,7 +454,7 @@ def lr_at(step, t):
     return t.lr * (t.min_lr + (1 - t.min_lr) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def vae_loss(model, video, mask=None, mouth_weight=8.0, kl_weight=1e-4, mse_weight=1.0):
+def vae_loss(model, video, mask=None, mouth_weight=24.0, kl_weight=1e-4, mse_weight=1.0):
     """L1 (+ mse_weight * squared error) reconstruction, weighted 1 + mouth_weight inside
     `mask` (B, 1, 1|T, H, W) if given, plus kl_weight * KL(q(z|x) || N(0, I)) per latent
     element. Returns (loss, parts)."""
