@@ -64,7 +64,8 @@ def load_models(ckpt=None, device="cpu"):
             raise ValueError(f"{path}: its {key} config does not fit this version of minread ({e}); "
                              f"retrain with `python -m minread train` or use a matching version") from None
         state = {k: v.float() if v.is_floating_point() else v for k, v in pack[key]["state"].items()}
-        missing, unexpected = model.state_dict().keys() - state.keys(), state.keys() - model.state_dict().keys()
+        expected = model.state_dict().keys()
+        missing, unexpected = expected - state.keys(), state.keys() - expected
         if missing or unexpected:
             raise ValueError(f"{path}: its {key} weights were made by another version of the model "
                              f"(missing {sorted(missing)[:4]}, unexpected {sorted(unexpected)[:4]}); "
@@ -142,18 +143,15 @@ def encode_speech(speech_ae, wave, chunk=64, context=16):
     s_t*c puts its latent i >= 1 exactly on the whole clip's latent c + i (the first one,
     frame s_t*c alone, is thrown away). Tested equal to the one-pass encoding.
     """
-    s_t, hop = speech_ae.cfg.s_t, HOP                                  # video frames per latent, samples per frame
-    F = 1 + (wave.shape[1] // hop - 1) // s_t
+    s_t = speech_ae.cfg.s_t                                            # video frames per latent
+    F = 1 + (wave.shape[1] // HOP - 1) // s_t
     if F <= chunk + context:
         return speech_ae.speech_latents(wave)
     pieces = []
-    for a in range(0, F, chunk):
+    for a in range(0, F, chunk):                                       # latents a..b-1 from frames s_t*c..s_t*(b-1)
         b, c = min(F, a + chunk), max(0, a - context)
-        if c == 0:
-            z = speech_ae.speech_latents(wave[:, :(s_t * (b - 1) + 1) * hop])[:, a:b]
-        else:
-            z = speech_ae.speech_latents(wave[:, s_t * c * hop:(s_t * (b - 1) + 1) * hop])[:, a - c:b - c]
-        pieces.append(z)                                                 # (B, b-a, Da)
+        piece = wave[:, s_t * c * HOP:(s_t * (b - 1) + 1) * HOP]
+        pieces.append(speech_ae.speech_latents(piece)[:, a - c:b - c])   # (B, b-a, Da)
     return torch.cat(pieces, 1)                                          # (B, F, Da)
 
 

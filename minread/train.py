@@ -240,7 +240,8 @@ def load_cache(vae, speech_ae, tc, d):
     ids = cache["identity"]
     cache["others"] = [[k for k in range(len(ids)) if ids[k] == ids[i] and k != i] or [i]
                        for i in range(len(ids))]                             # same face, other clips
-    cache["motion"] = [motion_map(z) for z in cache["latents"]]
+    cache["weight"] = [(1 + tc.motion_weight * motion_map(z)) / (1 + tc.motion_weight)  # (h, w), mean 1
+                       for z in cache["latents"]]                            # dit_loss's per-cell weight
     return cache
 
 
@@ -259,7 +260,8 @@ def sample_batch(cache, tc, dit_cfg, gen, device):
     with fewer than M anchors is the start of a video, so it is cut from latent frame 0.
     The reference latent is a frame of another clip of the same identity, so the mouth
     cannot be copied from it. The loss weight per latent cell comes from the clip's
-    motion map: cells that move count up to 1 + motion_weight times more. Noise and condition drops come from `gen`: resume is exact.
+    motion map: cells that move count up to 1 + motion_weight times more. Noise and
+    condition drops come from `gen`: resume is exact.
     """
     from minread import ans
     B = tc.batch_size
@@ -277,7 +279,7 @@ def sample_batch(cache, tc, dit_cfg, gen, device):
         others = cache["others"][i]
         refs = cache["refs"][others[int(torch.randint(len(others), (1,), generator=gen))]]
         ref.append(refs[int(torch.randint(len(refs), (1,), generator=gen))])  # (C, 1, h, w)
-        weight.append((1 + tc.motion_weight * cache["motion"][i]) / (1 + tc.motion_weight))  # (h, w), mean 1
+        weight.append(cache["weight"][i])                                    # (h, w)
     batch = {"latents": torch.stack(lat), "audio": torch.stack(audio), "reference": torch.stack(ref),
              "weight": torch.stack(weight)[:, None, None],                  # (B, 1, 1, h, w)
              "n_anchors": draw.n_anchors, "drop_audio": draw.drop_audio, "drop_ref": draw.drop_ref}
