@@ -710,6 +710,28 @@ class VideoFolderDataset(_Windows):
 
 # ----------------------------------------------------------------------------- IO
 
+def save_checkpoint(path, obj):
+    """torch.save to a temp file beside `path`, then rename: a crash never leaves half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path, map_location="cpu"):
+    """Load a checkpoint safely (weights_only: tensors and plain containers, no code)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} not found: train one with "
+                                f"`python -m minread train` or pass --ckpt with a valid path")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:
+        raise ValueError(f"{path} is not a readable minread checkpoint ({e.__class__.__name__}: "
+                         f"{str(e).splitlines()[0][:200]}); delete it or retrain") from None
+
+
 def _open(path, what):
     path = Path(path)
     if not path.exists():

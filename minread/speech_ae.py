@@ -45,6 +45,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from minread.data import load_checkpoint, save_checkpoint
+
 SAMPLE_RATE = 16000
 HOP = 160                    # 10 ms: 100 mel frames per second
 WIN = 400                    # 25 ms analysis window (also the FFT size: 201 bins, 40 Hz apart)
@@ -93,8 +95,12 @@ MODEL_FIELDS = ("n_mels", "s_t", "latent_dim", "width", "max_width", "depth")
 
 
 def tiny():
-    """Matches the VAE's tiny preset (s_t = 4): Da 32 at 25/4 = 6.25 Hz."""
-    return SpeechAEConfig(s_t=4, latent_dim=32, width=64, max_width=128, depth=1, train_frames=33)
+    """Matches the VAE's tiny preset (s_t = 4): Da 64 at 25/4 = 6.25 Hz. 64 rather than 32
+    dimensions, with less latent noise, because the mouth is read from them: a linear
+    read-out of the held-out mouth opening from latents f-1..f+1 reaches r 0.77 (Da 64,
+    noise 0.25) against 0.74 (Da 32, noise 0.5); log-mel itself gives 0.80."""
+    return SpeechAEConfig(s_t=4, latent_dim=64, width=64, max_width=128, depth=1, train_frames=33,
+                          latent_noise=0.25)
 
 
 def small():
@@ -325,21 +331,13 @@ class SpeechAE(nn.Module):
 
 # ----------------------------------------------------------------------------- checkpoints
 
-def save_checkpoint(path, **state):
-    """Atomic: write to a temporary name, then rename over the old checkpoint."""
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = path + ".tmp"
-    torch.save(state, tmp)
-    os.replace(tmp, path)
-
-
 def load_speech_ae(path, cfg=None, device="cpu"):
     """Load a trained, frozen SpeechAE. With cfg (a config or a preset name), refuse a checkpoint of another config."""
     path = os.fspath(path)
     if not os.path.exists(path):
         raise FileNotFoundError(f"no SpeechAE checkpoint at {path}: train one with "
                                 f"`python -m minread train --stage speech_ae --preset tiny` or train_speech_ae(cfg, out=...)")
-    ckpt = torch.load(path, map_location=device, weights_only=True)
+    ckpt = load_checkpoint(path, map_location=device)
     if "config" not in ckpt or "model" not in ckpt:
         raise ValueError(f"{path} is not a SpeechAE checkpoint (no 'config'/'model' entries)")
     stored = SpeechAEConfig(**ckpt["config"])
@@ -475,7 +473,7 @@ def train_speech_ae(cfg, steps=None, out="runs/speech_ae_tiny/ckpt.pt", data_roo
     gen = torch.Generator().manual_seed(seed)
     step, history = 0, []
     if resume and os.path.exists(out):
-        ckpt = torch.load(out, map_location="cpu", weights_only=True)
+        ckpt = load_checkpoint(out)
         stored = {k: ckpt["config"][k] for k in MODEL_FIELDS}
         if stored != {k: getattr(cfg, k) for k in MODEL_FIELDS}:
             raise ValueError(f"{out} holds a SpeechAE of another config ({stored}); pass resume=False or another out")
@@ -490,9 +488,10 @@ def train_speech_ae(cfg, steps=None, out="runs/speech_ae_tiny/ckpt.pt", data_roo
         step, history = ckpt["step"], ckpt["history"]
 
     def checkpoint():
-        save_checkpoint(out, model=model.state_dict(), span_head=span_head.state_dict(), optimizer=opt.state_dict(), step=step,
-                        rng={"sampler": gen.get_state(), "torch": torch.get_rng_state()},
-                        config=dataclasses.asdict(cfg), history=history)
+        save_checkpoint(out, dict(model=model.state_dict(), span_head=span_head.state_dict(),
+                                  optimizer=opt.state_dict(), step=step,
+                                  rng={"sampler": gen.get_state(), "torch": torch.get_rng_state()},
+                                  config=dataclasses.asdict(cfg), history=history))
 
     t0, last = time.time(), until if until is not None else steps
     bar = tqdm(total=steps, initial=step, desc="speech_ae", dynamic_ncols=True)

@@ -34,7 +34,6 @@ Training, evaluation and checkpoints are plain functions at the bottom of this f
 """
 
 import math
-import os
 import random
 import time
 from dataclasses import asdict, dataclass, fields, replace
@@ -47,7 +46,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from minread.data import ToyClipDataset, render_clip
+from minread.data import ToyClipDataset, load_checkpoint, render_clip, save_checkpoint
 from minread.metrics import lip_corr, mouth_mask, psnr, read_opening
 
 
@@ -541,20 +540,11 @@ def config_diff(stored, cfg):
             != (list(now[k]) if isinstance(now[k], tuple) else now[k])]
 
 
-def save_checkpoint(path, **state):
-    """Write atomically: a temp file, then os.replace, so no half-written checkpoint is left."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
-
-
 def load_vae(path, cfg=None, device="cpu"):
     """A trained VAE from a checkpoint. With `cfg`, refuse a checkpoint of another config."""
     if not Path(path).is_file():
         raise FileNotFoundError(f"no VAE checkpoint at {path!r}; train one with minread.vae.train_vae")
-    ckpt = torch.load(path, map_location=device, weights_only=True)
+    ckpt = load_checkpoint(path, map_location=device)
     if "vae_config" not in ckpt:
         raise ValueError(f"{path!r} is not a VAE checkpoint (no 'vae_config' entry)")
     stored = ckpt["vae_config"]
@@ -593,7 +583,7 @@ def train_vae(cfg, out_dir="runs/vae_tiny", tcfg=None, device=None, resume=True,
     gen = torch.Generator().manual_seed(t.seed)                      # batch sampling
     step, history = 0, []
     if resume and ckpt_path.is_file():
-        ckpt = torch.load(ckpt_path, map_location=device, weights_only=True)
+        ckpt = load_checkpoint(ckpt_path, map_location=device)
         diff = config_diff(ckpt["vae_config"], cfg) + config_diff(ckpt["train_config"], t)
         if diff:
             raise ValueError(f"{ckpt_path} holds a run with other settings ({'; '.join(diff)}); "
@@ -607,8 +597,8 @@ def train_vae(cfg, out_dir="runs/vae_tiny", tcfg=None, device=None, resume=True,
     def save():
         rng = {"batches": gen.get_state(), "torch": torch.get_rng_state(),
                "cuda": torch.cuda.get_rng_state() if device.type == "cuda" else None}
-        save_checkpoint(ckpt_path, model=model.state_dict(), optimizer=opt.state_dict(), step=step,
-                        rng=rng, vae_config=asdict(cfg), train_config=asdict(t), history=history)
+        save_checkpoint(ckpt_path, dict(model=model.state_dict(), optimizer=opt.state_dict(), step=step, rng=rng,
+                                        vae_config=asdict(cfg), train_config=asdict(t), history=history))
 
     stop = t.steps if until is None else min(until, t.steps)
     model.train()
