@@ -63,9 +63,22 @@ def test_blocks_are_identity_at_init():
         frames = tokens.view(2, 6, 16, -1)
         out = block.fused(frames, m_fused, k_speech, v_speech, ropes[0], model.speech_mask_for(16, 5, x.device))
         assert torch.equal(out, frames)
+    for fused in (False, True):  # the network's output is zero (x̂₀ = the reference, with ref_skip)
+        model.fused = fused
+        assert torch.equal(model(x, levels, audio, ref), model.skip(torch.zeros_like(x), ref, None))
+
+
+def test_reference_skip_predicts_the_reference_at_init():
+    model = make_model(randomize=False, ref_skip=True)
+    x, levels, audio, ref = inputs(model.cfg, B=2)
+    drop_ref = torch.tensor([False, True])
     for fused in (False, True):
         model.fused = fused
-        assert torch.count_nonzero(model(x, levels, audio, ref)) == 0
+        out = model(x, levels, audio, ref, drop_ref=drop_ref)
+        assert torch.equal(out[0], ref[0].expand_as(out[0]))       # every frame starts as the reference
+        assert torch.count_nonzero(out[1]) == 0                     # a dropped reference adds nothing
+    with pytest.raises(ValueError, match="ref_skip needs prediction='x0'"):
+        make_model(ref_skip=True, prediction="v")
 
 
 @pytest.mark.parametrize("fused", [False, True])
@@ -126,16 +139,19 @@ def test_level_changes_only_its_frame_modulation():
         assert torch.equal(changed, expected)
 
 
-def test_speech_changes_only_its_frame_conditioning():
-    model = make_model()
+@pytest.mark.parametrize("cond_radius", [0, 1, 2])
+def test_speech_changes_only_its_frames_conditioning(cond_radius):
+    model = make_model(cond_radius=cond_radius)
     x, levels, audio, ref = inputs(model.cfg, F=6)
     c = model.embed(x, levels, audio, ref)[1]                   # (B, 1+F, D)
-    audio2 = audio.clone()
-    audio2[0, 2] += 1.0
-    changed = (model.embed(x, levels, audio2, ref)[1] - c).abs().amax(-1) > 0
-    expected = torch.zeros_like(changed)
-    expected[0, 1 + 2] = True                                   # row 0 is the reference: it hears nothing
-    assert torch.equal(changed, expected)
+    for g in (0, 2, 5):
+        audio2 = audio.clone()
+        audio2[0, g] += 1.0
+        changed = (model.embed(x, levels, audio2, ref)[1] - c).abs().amax(-1) > 0
+        expected = torch.zeros_like(changed)
+        for f in range(max(0, g - cond_radius), min(6, g + cond_radius + 1)):
+            expected[0, 1 + f] = True                           # row 0 is the reference: it hears nothing
+        assert torch.equal(changed, expected), g
 
 
 def test_null_tokens_used_exactly_when_dropped():
@@ -180,7 +196,9 @@ def test_compiled_flex_agrees_with_sdpa():
     test_impls_agree_with_sdpa("flex")
 
 
-@pytest.mark.parametrize("changes", [{}, {"patch": 2, "audio_radius": 0}, {"audio_radius": 2, "prediction": "v"}])
+@pytest.mark.parametrize("changes", [{}, {"patch": 2, "audio_radius": 0},
+                                     {"audio_radius": 2, "prediction": "v", "ref_skip": False, "cond_radius": 2},
+                                     {"ref_skip": False, "cond_radius": 0}])
 def test_fused_path_matches_reference(changes):
     """run_blocks_fused (the default) computes what run_blocks does: outputs and every
     parameter's gradient, with some conditions dropped."""

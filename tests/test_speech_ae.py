@@ -93,7 +93,7 @@ def test_speech_latents_pads_to_whole_latent_frames():
     model = SpeechAE(sae.tiny()).eval()
     wave = babble(7 * 640 + 100)                                                 # 7.2 video frames
     z = model.speech_latents(wave[None])
-    assert z.shape == (1, sae.num_latents(8, 4), 32)                             # padded to T = 9
+    assert z.shape == (1, sae.num_latents(8, 4), sae.tiny().latent_dim)          # padded to T = 9
     full = model.speech_latents(torch.nn.functional.pad(wave, (0, 9 * 640 - len(wave)))[None])
     assert torch.allclose(z, full)
 
@@ -161,7 +161,7 @@ def test_train_resume_is_exact_and_checkpoint_is_checked(tmp_path):
         assert torch.equal(p, head_b[name]), name
     z = a.speech_latents(torch.stack(audio[:4]))                                 # standardised on train audio
     assert z.mean().abs() < 0.2 and (z.std() - 1).abs() < 0.2
-    with pytest.raises(ValueError, match="latent_dim: checkpoint 8 vs requested 32"):
+    with pytest.raises(ValueError, match=f"latent_dim: checkpoint 8 vs requested {sae.tiny().latent_dim}"):
         load_speech_ae(tmp_path / "a.pt", "tiny")
     with pytest.raises(FileNotFoundError, match="no SpeechAE checkpoint"):
         load_speech_ae(tmp_path / "missing.pt")
@@ -194,7 +194,7 @@ def test_speech_latents_checks_audio():
         model.speech_latents(babble(16000)[None], sample_rate=22050)
     with pytest.raises(ValueError, match="silent"):
         model.speech_latents(torch.zeros(1, 6400))
-    assert model.speech_latents(babble(6400).numpy()).shape == (1, 4, 32)        # numpy (S,) accepted
+    assert model.speech_latents(babble(6400).numpy()).shape == (1, 4, model.cfg.latent_dim)  # numpy (S,) accepted
 
 
 def test_encode_rejects_misaligned_mel():
