@@ -3,7 +3,7 @@
 Measures, on this machine and thread count, side by side (calls interleaved, so load
 from other jobs on a shared machine falls on every variant alike):
 - the forward pass of one ANS window at batch 1 (reference + M anchors + W clips of n
-  latent frames; tiny: 1 + 2 + 2*2 = 7 latent frames, 112 tokens) under
+  latent frames; tiny: 1 + 1 + 2*2 = 6 latent frames, 96 tokens) under
   torch.inference_mode, through the reference path (`model.fused = False`), the fused
   path (the default) and the torch.compile'd fused path (`A2VDiT(cfg, compile=True)`;
   its first call compiles, timed apart), plus the reference path with each other
@@ -159,7 +159,8 @@ def compare(seconds, threads_note, data_root="data_toy", seed=0, cache=None):
     figures = {}
     for prediction in ("x0", "v"):
         torch.manual_seed(seed)
-        cfg = dataclasses.replace(dit.tiny(), latent_channels=12, audio_dim=40, prediction=prediction)
+        cfg = dataclasses.replace(dit.tiny(), latent_channels=12, audio_dim=40, prediction=prediction,
+                                  ref_skip=prediction == "x0")
         model = dit.A2VDiT(cfg).to(dev)
         opt = torch.optim.AdamW(model.parameters(), lr=5e-4, weight_decay=0.01)
         t0, steps, losses = time.time(), 0, []
@@ -218,7 +219,7 @@ def main(argv):
     ap.add_argument("--impls", default="math", help="other attention impls to time the reference path's "
                     "forward with (comma list of math, flex, flex_eager; flex compiles first; empty: none)")
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile'd forward (~20 s to compile)")
-    ap.add_argument("--anchors", type=int, default=2, help="motion anchors M")
+    ap.add_argument("--anchors", type=int, default=1, help="motion anchors M (1 in both presets)")
     ap.add_argument("--frames", type=int, default=4, help="window frames W*n")
     ap.add_argument("--batch", type=int, default=32, help="training batch size")
     ap.add_argument("--repeats", type=int, default=100, help="timed forward passes")

@@ -5,7 +5,7 @@
 1. Calls, from the level matrices alone (no model): for a video of --seconds at 25 fps
    (T = round(25·seconds) video frames, F = 1 + ⌈(T-1)/s_t⌉ latent frames: the first
    latent frame is one video frame, the others s_t = 4), every schedule of minread.ans at
-   the tiny preset settings (n = 2, W = 2, M = 2, S = 8): model calls, calls per second
+   the tiny preset settings (train.TrainConfig: n = 2, W = 2, M = 1, S = 2): model calls, calls per second
    of video with warm-up and tail, the long-run rate (extra calls per extra second,
    between a video and one twice as long), and compute as frame units per second (each
    call costs its anchors + window frames + 1 reference frame, DESIGN §7).
@@ -25,8 +25,9 @@ import torch.nn as nn
 
 from minread import ans
 from minread.bench import machine, report
+from minread.train import TrainConfig
 
-N, W, M, S = 2, 2, 2, 8  # tiny preset (DESIGN §8)
+N, W, M, S = (getattr(TrainConfig(), k) for k in ("n", "W", "M", "S"))  # the tiny preset's
 FPS, S_T = 25, 4
 
 
@@ -61,8 +62,9 @@ class StandIn(nn.Module):
 
     prediction = "x0"
 
-    def __init__(self, C=16, Da=32, width=128, depth=6, heads=4):
+    def __init__(self, C=16, Da=64, width=128, depth=6, heads=4):
         super().__init__()
+        self.audio_dim = Da
         self.inp, self.cond = nn.Linear(C, width), nn.Linear(Da + 1, width)
         layer = nn.TransformerEncoderLayer(width, heads, 4 * width, dropout=0.0, batch_first=True, norm_first=True)
         self.blocks = nn.TransformerEncoder(layer, depth, enable_nested_tensor=False)
@@ -110,7 +112,8 @@ class Timed:
 @torch.no_grad()
 def overhead(model, F, name, levels, lookahead, repeats):
     """Best of `repeats` runs: (total s, model s, calls)."""
-    speech, ref = torch.randn(1, F, 32), torch.randn(1, 16, 1, 4, 4)
+    Da = model.cfg.audio_dim if hasattr(model, "cfg") else model.audio_dim
+    speech, ref = torch.randn(1, F, Da), torch.randn(1, 16, 1, 4, 4)
     best = None
     for _ in range(repeats):
         timed = Timed(model)
