@@ -48,7 +48,7 @@ def load_models(ckpt=None, device="cpu"):
     """Build the three models from a generation bundle (written by `minread.train.bundle`)."""
     from minread.dit import A2VDiT, DiTConfig
     from minread.speech_ae import SpeechAE, SpeechAEConfig
-    from minread.train import load_checkpoint
+    from minread.data import load_checkpoint
     from minread.vae import VAE, VAEConfig
     path = Path(ckpt) if ckpt is not None else DEFAULT_CKPT
     pack = load_checkpoint(path)

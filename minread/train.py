@@ -33,7 +33,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from minread.data import load_checkpoint, save_checkpoint  # noqa: F401 (also the stages' API)
+from minread.data import load_checkpoint, save_checkpoint
 
 
 @dataclass
