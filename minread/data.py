@@ -553,6 +553,72 @@ def render_dataset(out, train_identities=20, test_identities=5, clips_per_identi
     return manifest
 
 
+EXTRA_FIRST = 5000                  # first identity index of extra training clips (past any toy set's)
+
+
+def train_words(seed=0, test_fraction=0.25):
+    """The words of a toy set's training sentences (none only a held-out sentence has)."""
+    train, _ = _split_sentences(seed, test_fraction)
+    return sorted({w.strip(".,'").lower() for s in train for w in SENTENCES[s].split()} - {""})
+
+
+def _salad(rng, words, lo=4, hi=9):
+    """A random word sequence: new phoneme sequences from known words."""
+    text = " ".join(words[i] for i in rng.integers(len(words), size=int(rng.integers(lo, hi))))
+    return text[0].upper() + text[1:] + "."
+
+
+def _render_extra(job):
+    _, ident_seed, clip_seed, text, size, _ = job
+    return render_clip(ident_seed, text, size=size, seed=clip_seed)   # numpy only: safe in a forked worker
+
+
+def _as_toy_clip(job, c):
+    """A rendered clip -> the dict ToyClipDataset holds (torch work stays in the parent process)."""
+    i, ident_seed, clip_seed, text, _, out_size = job
+    clip = dict(name=f"extra/id{i:04d}_c{clip_seed % 100:02d}", identity=ident_seed, text=text,
+                video=to_tensor(c["video"], out_size), audio=torch.from_numpy(c["audio"]))
+    for k in ("opening", "spread", "blink", "head"):
+        clip[k] = torch.from_numpy(np.asarray(c[k], dtype=np.float32))
+    clip["viseme"] = torch.from_numpy(np.asarray(c["viseme"], dtype=np.int64))
+    clip["closed"] = torch.from_numpy(np.asarray(c["closed"], dtype=bool))
+    return clip
+
+
+def render_training_clips(identities, clips_per_identity=4, out_size=32, size=64, seed=0,
+                          first=EXTRA_FIRST, salad=0.5, test_fraction=0.25, workers=1, progress=False):
+    """Extra eSpeak training clips rendered in memory, as ToyClipDataset's `clips` dicts.
+
+    New faces (identities first.. of `seed`, past any rendered set's) and new voices, each
+    clip speaking either one of the set's training sentences or, with probability `salad`,
+    a random sequence of their words: held-out sentences and faces stay unseen. Frames are
+    rendered at `size` and reduced to `out_size` exactly as ToyClipDataset reads data_toy.
+    Same arguments -> same clips. Needs praat-parselmouth (`pip install -e .[speech]`).
+    """
+    from tqdm import tqdm
+    try:
+        import parselmouth  # noqa: F401
+    except ImportError:
+        raise ImportError("extra eSpeak training clips need praat-parselmouth: "
+                          "`pip install -e .[speech]` (or train with extra_clips=0)") from None
+    sentences, words = _split_sentences(seed, test_fraction)[0], train_words(seed, test_fraction)
+    jobs = []
+    for i in range(first, first + identities):
+        ident_seed = seed * 100_000 + i
+        for k in range(clips_per_identity):
+            clip_seed = ident_seed * 100 + k
+            rng = np.random.default_rng([clip_seed, 17])
+            text = _salad(rng, words) if rng.random() < salad else SENTENCES[sentences[rng.integers(len(sentences))]]
+            jobs.append((i, ident_seed, clip_seed, text, size, out_size))
+    if workers > 1:
+        import multiprocessing as mp
+        with mp.get_context("fork").Pool(workers) as pool:
+            rendered = pool.imap(_render_extra, jobs, chunksize=4)
+            return [_as_toy_clip(j, c) for j, c in zip(jobs, tqdm(rendered, total=len(jobs), desc="render extra clips",
+                                                                  disable=not progress))]
+    return [_as_toy_clip(j, _render_extra(j)) for j in tqdm(jobs, desc="render extra clips", disable=not progress)]
+
+
 def write_clip(stem, clip, crf=12):
     """One rendered clip -> stem.mp4 (yuv444p keeps the reserved colour), stem.wav, stem.npz."""
     stem = Path(stem)

@@ -66,6 +66,7 @@ class SpeechAEConfig:
     # training
     latent_noise: float = 0.5  # Gaussian noise on the latents in training, in units of each channel's std
     span_weight: float = 1.0  # weight of the linear read-out loss: each latent -> mean log-mel of its span
+    span_parts: int = 1       # ... of each of this many equal parts of its span (s_t: one per video frame)
     train_frames: int = 33    # video frames per training crop, 1 + s_t*k
     batch_size: int = 32
     steps: int = 800
@@ -395,11 +396,14 @@ def sample_crops(mels, cfg, gen):
     return torch.stack(crops)                                                     # (B, n_mels, A)
 
 
-def span_means(model, mel):
-    """Normalised log-mel averaged over the 4·s_t mel frames of each latent: (B, n_mels, A) -> (B, F, n_mels)."""
+def span_means(model, mel, parts=1):
+    """Normalised log-mel averaged over each of `parts` equal pieces of the 4·s_t mel frames
+    of each latent: (B, n_mels, A) -> (B, F, parts*n_mels), piece-major."""
     x = (F.pad(mel, (model.pad, 0), value=LOG_FLOOR) - model.mel_mean[:, None]) / model.mel_std[:, None]
     B, M, A = x.shape
-    return x.reshape(B, M, A // (4 * model.cfg.s_t), 4 * model.cfg.s_t).mean(-1).transpose(1, 2)  # (B, F, M)
+    L = 4 * model.cfg.s_t                                                        # mel frames per latent
+    x = x.reshape(B, M, A // L, parts, L // parts).mean(-1)                       # (B, M, F, parts)
+    return x.permute(0, 2, 3, 1).reshape(B, A // L, parts * M)                    # (B, F, parts*M)
 
 
 def ae_loss(model, span_head, mel, cfg):
@@ -416,7 +420,7 @@ def ae_loss(model, span_head, mel, cfg):
     pred = (model.decode(z) - model.mel_mean[:, None]) / model.mel_std[:, None]
     loss = F.mse_loss(pred, target)
     if cfg.span_weight:
-        loss = loss + cfg.span_weight * F.mse_loss(span_head(z), span_means(model, mel))
+        loss = loss + cfg.span_weight * F.mse_loss(span_head(z), span_means(model, mel, cfg.span_parts))
     return loss
 
 
@@ -467,7 +471,7 @@ def train_speech_ae(cfg, steps=None, out="runs/speech_ae_tiny/ckpt.pt", data_roo
     model.mel_mean.copy_(frames.mean(1))
     model.mel_std.copy_(frames.std(1).clamp_min(1e-2))
     # training-only linear read-out of each latent's span (kept in the checkpoint for exact resume)
-    span_head = nn.Linear(cfg.latent_dim, cfg.n_mels)
+    span_head = nn.Linear(cfg.latent_dim, cfg.n_mels * cfg.span_parts)
     params = list(model.parameters()) + list(span_head.parameters())
     opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.99), weight_decay=0.0)
     gen = torch.Generator().manual_seed(seed)

@@ -64,6 +64,8 @@ class TrainConfig:
     S: int = 2                      # denoising steps per clip (tiny: lip-sync as good as S = 4 or 8)
     cfg_scale: float = 1.5          # audio guidance at evaluation and the bundle's default
     refs_per_clip: int = 4          # cached reference frames per clip
+    extra_clips: int = 0            # extra eSpeak training clips rendered in memory (4 per new face)
+    extra_salad: float = 0.5        # share of them speaking random sequences of training-sentence words
     motion_weight: float = 4.0      # extra loss weight on latent cells that move (0 = plain MSE)
     # the component stages keep their own recipes; None = the module's default steps
     vae_steps: int = None
@@ -199,9 +201,10 @@ def encode_clips(vae, speech_ae, clips, device, refs_per_clip=4):
     return cache
 
 
-def fingerprint(vae, speech_ae, data_root):
-    """A digest of the frozen encoders' weights and the data set: a stale cache is re-encoded."""
-    h = hashlib.sha1((Path(data_root) / "manifest.json").read_bytes())
+def fingerprint(vae, speech_ae, tc):
+    """A digest of the frozen encoders' weights and the data: a stale cache is re-encoded."""
+    h = hashlib.sha1((Path(tc.data_root) / "manifest.json").read_bytes())
+    h.update(repr((tc.extra_clips, tc.extra_salad, tc.seed)).encode())
     for m in (vae, speech_ae):
         for v in m.state_dict().values():
             h.update(v.detach().cpu().contiguous().numpy().tobytes())
@@ -210,10 +213,14 @@ def fingerprint(vae, speech_ae, data_root):
 
 def load_cache(vae, speech_ae, tc, d):
     """The training set's latents, encoded once by rank 0 and cached beside the checkpoints."""
-    from minread.data import ToyClipDataset
-    path, key = Path(tc.out_dir) / "latents_train.pt", fingerprint(vae, speech_ae, tc.data_root)
+    from minread.data import ToyClipDataset, render_training_clips
+    path, key = Path(tc.out_dir) / "latents_train.pt", fingerprint(vae, speech_ae, tc)
     if d.master and (not path.exists() or load_checkpoint(path)["key"] != key):
         clips = ToyClipDataset(tc.data_root, "train", size=vae.cfg.image_size, frames=1).clips
+        if tc.extra_clips:
+            clips += render_training_clips(math.ceil(tc.extra_clips / 4), 4, vae.cfg.image_size,
+                                           seed=tc.seed, salad=tc.extra_salad,
+                                           workers=torch.get_num_threads())[:tc.extra_clips]
         save_checkpoint(path, {**encode_clips(vae, speech_ae, clips, d.device, tc.refs_per_clip), "key": key})
     if d.ddp:
         dist.barrier()

@@ -242,3 +242,20 @@ def test_data_toy_rebuilds_bit_identically_from_its_command(tmp_path):
             assert (tmp_path / "data_toy" / p.relative_to(DATA_TOY)).read_bytes() == p.read_bytes(), p
     rebuilt = json.loads((tmp_path / "data_toy" / "manifest.json").read_text())
     assert {k: v for k, v in rebuilt.items() if k != "command"} == {k: v for k, v in m.items() if k != "command"}
+
+
+@espeak
+def test_extra_training_clips_keep_held_out_sentences_and_faces_unseen():
+    clips = data.render_training_clips(2, clips_per_identity=3, out_size=32, seed=0, salad=0.5)
+    again = data.render_training_clips(2, clips_per_identity=3, out_size=32, seed=0, salad=0.5)
+    assert len(clips) == 6 and all(torch.equal(a["video"], b["video"]) for a, b in zip(clips, again))
+    train, test = data._split_sentences(0, 0.25)
+    known = set(data.train_words(0))
+    test_only = {w.strip(".,'").lower() for s in test for w in data.SENTENCES[s].split()} - known
+    assert test_only                                    # some words are only in held-out sentences
+    for c in clips:
+        words = {w.strip(".,'").lower() for w in c["text"].split()}
+        assert words <= known and c["text"] not in [data.SENTENCES[s] for s in test]
+        assert c["identity"] >= data.EXTRA_FIRST and c["video"].shape[1:] == (len(c["opening"]), 32, 32)
+        assert len(c["audio"]) == 640 * len(c["opening"]) and c["closed"].dtype == torch.bool
+    assert len({c["identity"] for c in clips}) == 2     # 3 clips per new face: references from other clips

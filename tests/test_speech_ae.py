@@ -129,6 +129,19 @@ def test_span_means_average_each_latents_own_mel_frames():
         assert torch.allclose(target[0, j], x[0, :, 4 + 16 * (j - 1): 4 + 16 * j].mean(1), atol=1e-5)
 
 
+def test_span_parts_average_each_video_frames_mel_frames():
+    model = SpeechAE(sae.tiny())
+    mel = log_mel(babble(13 * 640)[None])                                        # (1, 80, 52): 1 + 3 latents
+    x = (mel - model.mel_mean[:, None]) / model.mel_std[:, None]
+    whole, parts = sae.span_means(model, mel), sae.span_means(model, mel, parts=4)   # (1, 4, 80), (1, 4, 320)
+    assert parts.shape == (1, 4, 320)
+    for j in range(1, 4):                                                        # part i of latent j: video frame 4(j-1)+1+i
+        for i in range(4):
+            a = 4 * (4 * (j - 1) + 1 + i)
+            assert torch.allclose(parts[0, j, 80 * i:80 * (i + 1)], x[0, :, a:a + 4].mean(1), atol=1e-5)
+    assert torch.allclose(parts.view(1, 4, 4, 80).mean(2), whole, atol=1e-5)   # the parts average to the span
+
+
 def test_span_readout_loss_reaches_the_encoder():
     cfg = micro()
     model, head = SpeechAE(cfg), torch.nn.Linear(cfg.latent_dim, cfg.n_mels)

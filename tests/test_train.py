@@ -186,6 +186,29 @@ def test_resume_after_interruption_is_exact(toy, tmp_path):
     assert all(torch.equal(v, bb["dit"]["state"][k]) for k, v in ba["dit"]["state"].items())
 
 
+def data_has_espeak():
+    try:
+        import parselmouth  # noqa: F401
+        return True
+    except ImportError:
+        return False
+
+
+@pytest.mark.skipif(not data_has_espeak(), reason="needs praat-parselmouth (the speech extra)")
+def test_extra_clips_join_the_latent_cache(toy, tmp_path):
+    """extra_clips renders new faces and voices into the DiT's training set; changing it re-encodes."""
+    kw = micro(toy / "data")
+    v = vae.load_vae(toy / "enc" / "vae" / "ckpt.pt", kw["vae_cfg"])
+    s = speech_ae.load_speech_ae(toy / "enc" / "speech_ae.pt", kw["speech_cfg"])
+    d = tr.setup_distributed()
+    plain = tr.load_cache(v, s, tr.replace(kw["tc"], out_dir=str(tmp_path)), d)
+    extra = tr.load_cache(v, s, tr.replace(kw["tc"], out_dir=str(tmp_path), extra_clips=3), d)
+    assert len(extra["latents"]) == len(plain["latents"]) + 3
+    new = extra["identity"][len(plain["latents"]):]
+    assert min(new) >= data.EXTRA_FIRST and len(set(new)) == 1              # one new face, 3 clips
+    assert all(len(extra["others"][i]) == 2 for i in range(len(plain["latents"]), len(extra["latents"])))
+
+
 def test_resume_refuses_another_config(toy, tmp_path):
     encoders_into(toy, tmp_path)
     tr.train("dit", out_dir=tmp_path, until=2, **micro(toy / "data"))
