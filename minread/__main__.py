@@ -74,7 +74,7 @@ def cmd_generate(args):
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     from minread.generate import generate
     generate(args.image, args.audio, args.out, args.schedule, args.steps, args.cfg, args.ckpt,
-             seed=args.seed, device=args.device)
+             seed=args.seed, device=args.device, overlap=not args.sequential)
 
 
 def cmd_demo(args):
@@ -135,6 +135,9 @@ def build_parser():
     p.add_argument("--ckpt", default=None, help="generation bundle (default: the shipped tiny model)")
     p.add_argument("--seed", type=int, default=0, help="noise seed")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--sequential", action="store_true",
+                   help="sample, decode and write one after the other (default: sample the next clip "
+                        "while the last one is decoded and written, on another CPU thread)")
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("demo", help="generate a held-out toy face speaking a held-out sentence and print its metrics")

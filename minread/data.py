@@ -24,7 +24,9 @@ Layout of a rendered set (data_toy/ is one): `manifest.json` (command, seeds, se
 voices, split, identity parameters) and per clip `CLIP.mp4` (H.264 yuv444p, no audio),
 `CLIP.wav` (16 kHz mono PCM16) and `CLIP.npz` (per-frame labels).
 `ToyClipDataset` reads it; `VideoFolderDataset` reads a folder of real mp4 (+ wav) clips
-and yields the same sample format (labels NaN). The file runs: speech, identities,
+and yields the same sample format (labels NaN). `render_training_clips` renders more
+training clips in memory (new faces and voices, the set's training sentences only), in
+the format `ToyClipDataset` holds. The file runs: speech, identities,
 renderer, clips and sets, datasets, then IO (`read_video`, `load_audio`, `load_image`,
 `write_wav`, `VideoWriter`).
 """
@@ -556,6 +558,14 @@ def render_dataset(out, train_identities=20, test_identities=5, clips_per_identi
 EXTRA_FIRST = 5000                  # first identity index of extra training clips (past any toy set's)
 
 
+def require_espeak(what):
+    """Fail early, with the fix, where eSpeak speech is needed and praat-parselmouth is missing."""
+    try:
+        import parselmouth  # noqa: F401
+    except ImportError:
+        raise ImportError(f"{what} need praat-parselmouth: `pip install -e \".[speech]\"`") from None
+
+
 def train_words(seed=0, test_fraction=0.25):
     """The words of a toy set's training sentences (none only a held-out sentence has)."""
     train, _ = _split_sentences(seed, test_fraction)
@@ -596,11 +606,7 @@ def render_training_clips(identities, clips_per_identity=4, out_size=32, size=64
     Same arguments -> same clips. Needs praat-parselmouth (`pip install -e .[speech]`).
     """
     from tqdm import tqdm
-    try:
-        import parselmouth  # noqa: F401
-    except ImportError:
-        raise ImportError("extra eSpeak training clips need praat-parselmouth: "
-                          "`pip install -e .[speech]` (or train with extra_clips=0)") from None
+    require_espeak("extra eSpeak training clips (or train with extra_clips=0)")
     sentences, words = _split_sentences(seed, test_fraction)[0], train_words(seed, test_fraction)
     jobs = []
     for i in range(first, first + identities):

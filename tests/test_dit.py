@@ -219,6 +219,19 @@ def test_fused_path_matches_reference(changes):
         assert torch.allclose(grads_fused[name], g, rtol=1e-4, atol=1e-5 * g.abs().max()), name
 
 
+@pytest.mark.parametrize("changes", [{}, {"audio_radius": 2, "cond_radius": 0}])
+def test_fused_sampling_path_matches_reference(changes):
+    """Without gradients the fused path's speech attention is one SDPA call: still the same model."""
+    model = make_model(**changes).eval()
+    x, levels, audio, ref = inputs(model.cfg, B=2, F=5)
+    with torch.no_grad():
+        outs = []
+        for fused in (False, True):
+            model.fused = fused
+            outs.append(model(x, levels, audio, ref, torch.tensor([False, True])))
+    assert torch.allclose(outs[1], outs[0], atol=1e-5), (outs[1] - outs[0]).abs().max()
+
+
 def test_fused_path_used_only_with_sdpa():
     model = make_model()
     x, levels, audio, ref = inputs(model.cfg)

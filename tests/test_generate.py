@@ -93,6 +93,39 @@ def test_streaming_equals_whole_clip(models):
     assert torch.allclose(streamed, whole, atol=1e-5)
 
 
+def test_overlapped_sampling_gives_the_same_frames(models):
+    """Sampling in a worker thread, one clip ahead of the decoder, changes when, not what."""
+    torch.manual_seed(2)
+    ref, wave = torch.rand(3, 32, 32) * 2 - 1, np.random.default_rng(2).standard_normal(45 * 640) * 0.1
+    threads = torch.get_num_threads()
+    plain = torch.cat(list(gen.stream_frames(models, ref, wave, seed=3)), dim=1)
+    overlapped = torch.cat(list(gen.stream_frames(models, ref, wave, seed=3, overlap=True)), dim=1)
+    assert overlapped.shape == plain.shape == (3, 45, 32, 32)
+    assert torch.allclose(overlapped, plain, atol=1e-5)
+    assert torch.get_num_threads() == threads                         # the thread split is undone
+
+
+def test_background_worker_passes_errors_and_stops_early():
+    def items():
+        yield 1
+        yield 2
+        raise RuntimeError("sampler broke")
+    it = gen.in_background(items())
+    assert next(it) == 1 and next(it) == 2
+    with pytest.raises(RuntimeError, match="sampler broke"):
+        next(it)
+    produced = []
+
+    def endless():
+        for i in range(10**6):
+            produced.append(i)
+            yield i
+    it = gen.in_background(endless())
+    assert next(it) == 0
+    it.close()                                                        # the consumer stops: so does the worker
+    assert len(produced) <= 3
+
+
 def bad_inputs(tmp_path, face):
     good = speech(tmp_path / "good.wav", 1.0)
     (tmp_path / "empty.wav").write_bytes(b"")

@@ -214,3 +214,20 @@ def test_encode_rejects_misaligned_mel():
     model = SpeechAE(sae.tiny())
     with pytest.raises(ValueError, match="1 \\+ 4\\*k"):
         model.encode(torch.zeros(1, 80, 4 * 6))
+
+
+def test_frame_probe_lines_up_latents_mel_spans_and_openings():
+    from minread.bench import speech_ae as bench
+    model = SpeechAE(micro()).eval()
+    s_t, Da = model.cfg.s_t, model.cfg.latent_dim
+    clips = [(babble(21 * 640, seed=s), torch.rand(21)) for s in range(3)]         # 21 frames: latents 0..5
+    lat, mel, y, clip = bench.frame_probe_features(model, clips)
+    assert lat.shape == (3 * 5, 3 * Da) and mel.shape == (3 * 5, 80 * 3 * 4 * s_t) and y.shape == (15, s_t)
+    z = model.speech_latents(clips[1][0][None])[0]
+    assert torch.allclose(lat[5 + 1], z[1:4].flatten())                          # clip 1, f = 2: latents 1..3
+    assert torch.equal(y[5 + 1], clips[1][1][1 + s_t:1 + 2 * s_t])               # f = 2: frames 1 + s_t .. 2 s_t
+    m = log_mel(clips[1][0][None])[0]
+    L = 4 * s_t
+    assert torch.allclose(mel[5 + 1].view(80, 3 * L)[:, L:2 * L], m[:, 4 + L:4 + 2 * L])   # latent 2's own span
+    r = bench.frame_probe(model, clips[:2], clips[2:], mlp=False)
+    assert -1 <= r["frame_probe_latents_ridge"] <= 1 and -1 <= r["frame_probe_logmel_ridge"] <= 1

@@ -13,7 +13,8 @@ in rotating order so that machine noise hits all of them alike:
 - model calls (counted by wrapping the DiT, and checked against `ans.count_calls` of the
   schedule matrix) and wall time per second of video, real-time factor: wall time runs
   from the speech waveform and reference frame to the decoded frames (speech encoding,
-  sampling and streaming VAE decoding; no file writing);
+  sampling and streaming VAE decoding; no file writing), with sampling overlapped with
+  decoding as `generate` runs it (`--sequential`: one after the other);
 - lip sync and identity against the toy truth (`metrics.clip_metrics`: LipCorr, amplitude
   ratio, LipMAE, audio-visual offset and confidence, closure F1, identity error) and the
   seam ratio at the clip boundaries of the schedule (all three emit clips of n latent
@@ -125,8 +126,9 @@ def clip_starts(frames, n, s_t):
     return [1 + s_t * (c * n - 1) for c in range(1, frames) if 1 + s_t * (c * n - 1) < frames]
 
 
-def run(models, reference, wave, schedule, seed=0, steps=None, cfg=None, on_chunk=None):
-    """Generate one video with a counted DiT, timed and memory-metered.
+def run(models, reference, wave, schedule, seed=0, steps=None, cfg=None, on_chunk=None, overlap=True):
+    """Generate one video with a counted DiT, timed and memory-metered; `overlap` as in
+    `generate` (the DiT samples the next clip while the last one is decoded).
 
     Returns (video (3, T, H, W) on the CPU, or None when on_chunk consumes the chunks, and
     {"frames", "seconds", "wall_s", "calls", "peak_mem_mb", "memory_method"}).
@@ -136,7 +138,7 @@ def run(models, reference, wave, schedule, seed=0, steps=None, cfg=None, on_chun
     kept, frames = [], 0
     with PeakMemory(device) as mem:
         t0 = time.perf_counter()
-        for chunk in gen.stream_frames(counted, reference, wave, schedule, steps, cfg, seed):
+        for chunk in gen.stream_frames(counted, reference, wave, schedule, steps, cfg, seed, overlap=overlap):
             chunk = chunk.cpu()                                         # (3, t, H, W); syncs CUDA
             frames += chunk.shape[1]
             if on_chunk is None:
@@ -255,6 +257,8 @@ def main(argv=None):
                    help=f"schedules to compare ({BASE} is always included as the base)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: leave torch's default)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
+    p.add_argument("--sequential", action="store_true",
+                   help="sample and decode one after the other (default: overlapped, as `generate` runs)")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -264,11 +268,11 @@ def main(argv=None):
     n, s_t = models.sampler["n"], models.vae.cfg.temporal
     print(f"bundle {args.ckpt}: {models.vae.cfg.image_size} px, sampler {models.sampler}; {len(inputs)} held-out "
           f"inputs ({args.identities} identities x {args.sentences} sentences), device {args.device}, "
-          f"{torch.get_num_threads()} threads")
+          f"{torch.get_num_threads()} threads, " + ("sequential" if args.sequential else "sampling overlapped with decoding"))
 
     # one untimed run first, so one-off costs (allocator, kernels, caches) hit no schedule
     j0, c0, r0 = inputs[0]
-    run(models, r0, c0["audio"][:gen.HOP * 9].numpy(), BASE, args.seed, args.steps, args.cfg)
+    run(models, r0, c0["audio"][:gen.HOP * 9].numpy(), BASE, args.seed, args.steps, args.cfg, overlap=not args.sequential)
     acc = {name: {"calls": 0, "expected_calls": 0, "wall_s": 0.0, "seconds": 0.0, "peak_mem_mb": 0.0, "rows": []}
            for name in names}
     method = None
@@ -277,7 +281,8 @@ def main(argv=None):
         wave = c["audio"][:T * gen.HOP].numpy()
         truth = {k: c[k][:T] for k in ("opening", "closed", "viseme")}
         for name in names[i % len(names):] + names[:i % len(names)]:   # rotate the order per input
-            video, fig = run(models, ref, wave, name, args.seed + i, args.steps, args.cfg)   # (3, T, H, W)
+            video, fig = run(models, ref, wave, name, args.seed + i, args.steps, args.cfg,
+                             overlap=not args.sequential)                  # (3, T, H, W)
             a = acc[name]
             a["calls"] += fig["calls"]
             a["expected_calls"] += expected_calls(models, T, name, args.steps)
@@ -311,10 +316,11 @@ def main(argv=None):
           f"streaming decode (no file writing); peak memory: {method}\n")
     print(table(rows))
     print(f"\ncommand: python -m minread.bench generate --ckpt {args.ckpt} --identities {args.identities} "
-          f"--sentences {args.sentences} --seed {args.seed}" + (f" --threads {args.threads}" if args.threads else ""))
+          f"--sentences {args.sentences} --seed {args.seed}" + (f" --threads {args.threads}" if args.threads else "")
+          + (" --sequential" if args.sequential else ""))
     figures = {"ckpt": str(args.ckpt), "inputs": [c["name"] for _, c, _ in inputs], "seconds_per_schedule": seconds,
                "sampler": models.sampler, "image_size": models.vae.cfg.image_size, "device": args.device,
-               "memory_method": method, "schedules": rows, "machine": machine()}
+               "memory_method": method, "overlap": not args.sequential, "schedules": rows, "machine": machine()}
     if "asynchronous" in rows:
         checks = targets(rows, rows["asynchronous"]["calls_vs_overlap_long_run"], args.device) if "synchronous" in rows else []
         for text, met in checks:
