@@ -428,7 +428,11 @@ def ae_loss(model, span_head, mel, cfg):
     pred = (model.decode(z) - model.mel_mean[:, None]) / model.mel_std[:, None]
     loss = F.mse_loss(pred, target)
     if cfg.span_weight:
-        loss = loss + cfg.span_weight * F.mse_loss(span_head(z), span_means(model, mel, cfg.span_parts))
+        spans, target = span_head(z), span_means(model, mel, cfg.span_parts)      # (B, F, parts*n_mels)
+        if spans.shape != target.shape:
+            raise ValueError(f"the span read-out gives {tuple(spans.shape)} but span_parts={cfg.span_parts} needs "
+                             f"{tuple(target.shape)}: make it nn.Linear(latent_dim, n_mels * span_parts)")
+        loss = loss + cfg.span_weight * F.mse_loss(spans, target)
     return loss
 
 

@@ -144,7 +144,7 @@ def test_span_parts_average_each_video_frames_mel_frames():
 
 def test_span_readout_loss_reaches_the_encoder():
     cfg = micro()
-    model, head = SpeechAE(cfg), torch.nn.Linear(cfg.latent_dim, cfg.n_mels)
+    model, head = SpeechAE(cfg), torch.nn.Linear(cfg.latent_dim, cfg.n_mels * cfg.span_parts)
     mel = log_mel(torch.stack([babble(9 * 640, seed=s) for s in range(2)]))
     off = sae.ae_loss(model, head, mel, dataclasses.replace(cfg, span_weight=0.0, latent_noise=0.0))
     on = sae.ae_loss(model, head, mel, dataclasses.replace(cfg, span_weight=1.0, latent_noise=0.0))
