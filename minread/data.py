@@ -912,6 +912,7 @@ class VideoWriter:
         if self.audio is not None:
             self.astream = self.box.add_stream("aac", rate=SAMPLE_RATE, layout="mono")
             self.astream.thread_count = 1
+            self.astream.options = {"aac_coder": "fast"}  # half the time of the default coder
 
     def write(self, frames):
         frames = np.asarray(frames)
