@@ -93,19 +93,19 @@ class WindowScorer:
         return self.rows
 
 
-def generate_scored(models, wave, truth, reference, schedule, window, seed=0, video=None):
+def generate_scored(models, wave, truth, reference, schedule, window, seed=0, video=None, overlap=True):
     """One streamed generation scored window by window: (rows, run figures)."""
     from minread.data import VideoWriter
     T = gen.output_frames(len(wave))
     starts = clip_starts(T, models.sampler["n"], models.vae.cfg.temporal)
     if video is None:
         scorer = WindowScorer(truth, reference, starts, window)
-        _, fig = run(models, reference, wave, schedule, seed, on_chunk=scorer)
+        _, fig = run(models, reference, wave, schedule, seed, on_chunk=scorer, overlap=overlap)
         return scorer.finish(), fig
     Path(video).parent.mkdir(parents=True, exist_ok=True)
     with VideoWriter(video, fps=gen.FPS, audio=wave) as writer:
         scorer = WindowScorer(truth, reference, starts, window, writer)
-        _, fig = run(models, reference, wave, schedule, seed, on_chunk=scorer)
+        _, fig = run(models, reference, wave, schedule, seed, on_chunk=scorer, overlap=overlap)
     return scorer.finish(), fig
 
 
@@ -146,9 +146,10 @@ def plot_curves(curves, path=None, metrics=PLOTTED):
 
 
 def run_long(models, clips, identities=2, seconds=60.0, window=10.0, schedules=SCHEDULES, seed=0, video_dir=None,
-             log=print):
+             log=print, overlap=True):
     """The benchmark without the command line: per schedule, the per-window curves (mean and
-    per identity), drift, calls, real-time factor, and peak memory of --window vs --seconds."""
+    per identity), drift, calls, real-time factor, and peak memory of --window vs --seconds.
+    `overlap` as in `generate` (False: sample and decode one after the other)."""
     ids = sorted({c["identity"] for c in clips})
     if not 1 <= identities <= len(ids):
         raise ValueError(f"--identities must be in 1..{len(ids)} (held-out identities), got {identities}")
@@ -157,7 +158,7 @@ def run_long(models, clips, identities=2, seconds=60.0, window=10.0, schedules=S
     W = round(gen.FPS * window)
     warm = long_input(clips, ids[0], 0.4, seed)                          # one-off costs hit no measured run
     for name in schedules:
-        generate_scored(models, *warm[:3], name, W, seed)
+        generate_scored(models, *warm[:3], name, W, seed, overlap=overlap)
     out = {name: {"per_identity": [], "calls": 0, "expected_calls": 0, "wall_s": 0.0, "seconds": 0.0,
                   "peak_mem_mb_window": 0.0, "peak_mem_mb_long": 0.0} for name in schedules}
     for i, ident in enumerate(ids[:identities]):
@@ -167,10 +168,10 @@ def run_long(models, clips, identities=2, seconds=60.0, window=10.0, schedules=S
         for name in schedules:
             video = None if video_dir is None else Path(video_dir) / f"long_id{ident}_{name}.mp4"
             tmp = None if video_dir is None else Path(video_dir) / f".short_id{ident}_{name}.mp4"
-            _, fig_w = generate_scored(models, short, truth, ref, name, W, seed + i, tmp)
+            _, fig_w = generate_scored(models, short, truth, ref, name, W, seed + i, tmp, overlap)
             if tmp is not None:
                 tmp.unlink(missing_ok=True)
-            rows, fig = generate_scored(models, wave, truth, ref, name, W, seed + i, video)
+            rows, fig = generate_scored(models, wave, truth, ref, name, W, seed + i, video, overlap)
             o = out[name]
             o["per_identity"].append(rows)
             o["calls"] += fig["calls"]
@@ -226,13 +227,16 @@ def main(argv=None):
     p.add_argument("--video", default=None, help="folder for the long mp4s (one per identity and schedule)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: leave torch's default)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
+    p.add_argument("--sequential", action="store_true",
+                   help="sample and decode one after the other (default: overlapped, as `generate` runs)")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     models, clips = load(args.ckpt, args.data, args.device)
     print(f"bundle {args.ckpt}: {models.vae.cfg.image_size} px, sampler {models.sampler}; {args.seconds:g} s per "
           f"identity, {args.window:g} s windows, device {args.device}, {torch.get_num_threads()} threads")
-    out = run_long(models, clips, args.identities, args.seconds, args.window, args.schedules, args.seed, args.video)
+    out = run_long(models, clips, args.identities, args.seconds, args.window, args.schedules, args.seed, args.video,
+                   overlap=not args.sequential)
     method = next(iter(out.values()))["memory_method"]
     print(f"\nmean over {args.identities} identities; peak memory: {method}\n")
     print(summary_table(out))
