@@ -66,7 +66,12 @@ def cmd_train(args):
                                    ("speech_steps", args.speech_steps), ("batch_size", args.batch_size),
                                    ("data_root", args.data_root), ("seed", args.seed)) if v is not None}
     tc = replace(presets(args.preset)[3], **overrides)
-    train(args.stage, args.preset, out_dir=args.out_dir, resume=not args.restart, bundle_path=args.bundle, tc=tc)
+    import torch.distributed as dist
+    try:
+        train(args.stage, args.preset, out_dir=args.out_dir, resume=not args.restart, bundle_path=args.bundle, tc=tc)
+    finally:  # under torchrun: close the process group before exit, or gloo's threads may abort it
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def cmd_generate(args):

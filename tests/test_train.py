@@ -255,6 +255,8 @@ res = {{"same_weights": bool(torch.equal(every[0], every[1])),
         "local_grads_differ": not torch.allclose(grads[0], grads[1]),
         "steps": stats["step"]}}
 json.dump(res, open({out!r} + f"/rank{{dist.get_rank()}}.json", "w"))
+dist.barrier()
+dist.destroy_process_group()  # before exit: gloo threads left running can abort the process
 """
 
 
