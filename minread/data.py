@@ -151,6 +151,15 @@ def sample_voice(seed):
 
 
 
+def require_espeak(what, otherwise):
+    """Fail early, with the fix, where eSpeak speech is needed and praat-parselmouth is missing."""
+    try:
+        import parselmouth  # noqa: F401
+    except ImportError:
+        raise ImportError(f"{what} needs praat-parselmouth: `pip install -e \".[speech]\"`, "
+                          f"or {otherwise}") from None
+
+
 def speak(text, voice):
     """eSpeak via praat-parselmouth -> (audio (S,) float32 16 kHz, phones [(label, t0, t1)]).
 
@@ -159,11 +168,7 @@ def speak(text, voice):
     process that never synthesises itself: every call starts from the same state and the
     same sentence and voice always give the same samples.
     """
-    try:
-        import parselmouth  # noqa: F401
-    except ImportError as e:
-        raise ImportError("eSpeak speech needs praat-parselmouth: pip install 'minread[speech]', "
-                          "or use source='babble'") from e
+    require_espeak("eSpeak speech", "use source='babble'")
     if not hasattr(os, "fork"):                       # no fork (Windows): not bit-reproducible
         return _speak_here(text, voice)
     import pickle
@@ -558,14 +563,6 @@ def render_dataset(out, train_identities=20, test_identities=5, clips_per_identi
 EXTRA_FIRST = 5000                  # first identity index of extra training clips (past any toy set's)
 
 
-def require_espeak(what):
-    """Fail early, with the fix, where eSpeak speech is needed and praat-parselmouth is missing."""
-    try:
-        import parselmouth  # noqa: F401
-    except ImportError:
-        raise ImportError(f"{what} need praat-parselmouth: `pip install -e \".[speech]\"`") from None
-
-
 def train_words(seed=0, test_fraction=0.25):
     """The words of a toy set's training sentences (none only a held-out sentence has)."""
     train, _ = _split_sentences(seed, test_fraction)
@@ -586,13 +583,8 @@ def _render_extra(job):
 def _as_toy_clip(job, c):
     """A rendered clip -> the dict ToyClipDataset holds (torch work stays in the parent process)."""
     i, ident_seed, clip_seed, text, _, out_size = job
-    clip = dict(name=f"extra/id{i:04d}_c{clip_seed % 100:02d}", identity=ident_seed, text=text,
-                video=to_tensor(c["video"], out_size), audio=torch.from_numpy(c["audio"]))
-    for k in ("opening", "spread", "blink", "head"):
-        clip[k] = torch.from_numpy(np.asarray(c[k], dtype=np.float32))
-    clip["viseme"] = torch.from_numpy(np.asarray(c["viseme"], dtype=np.int64))
-    clip["closed"] = torch.from_numpy(np.asarray(c["closed"], dtype=bool))
-    return clip
+    return dict(name=f"extra/id{i:04d}_c{clip_seed % 100:02d}", identity=ident_seed, text=text,
+                video=to_tensor(c["video"], out_size), audio=torch.from_numpy(c["audio"]), **label_tensors(c))
 
 
 def render_training_clips(identities, clips_per_identity=4, out_size=32, size=64, seed=0,
@@ -606,7 +598,7 @@ def render_training_clips(identities, clips_per_identity=4, out_size=32, size=64
     Same arguments -> same clips. Needs praat-parselmouth (`pip install -e .[speech]`).
     """
     from tqdm import tqdm
-    require_espeak("extra eSpeak training clips (or train with extra_clips=0)")
+    require_espeak("rendering extra eSpeak training clips", "train with extra_clips=0")
     sentences, words = _split_sentences(seed, test_fraction)[0], train_words(seed, test_fraction)
     jobs = []
     for i in range(first, first + identities):
@@ -665,6 +657,16 @@ def to_tensor(frames, size):
     elif S != size:
         x = Fn.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
     return (x / 127.5 - 1).clamp(-1, 1).permute(1, 0, 2, 3).contiguous()  # (3, T, H, W)
+
+
+def label_tensors(labels):
+    """Per-frame truth (a rendered clip's arrays or a saved .npz) as the tensors datasets hold:
+    opening, spread, blink (T,) and head (T, 2) float32, viseme (T,) int64, closed (T,) bool."""
+    out = {k: torch.from_numpy(np.asarray(labels[k], dtype=np.float32))
+           for k in ("opening", "spread", "blink", "head")}
+    out["viseme"] = torch.from_numpy(np.asarray(labels["viseme"], dtype=np.int64))
+    out["closed"] = torch.from_numpy(np.asarray(labels["closed"], dtype=bool))
+    return out
 
 
 class _Windows(torch.utils.data.Dataset):
@@ -734,14 +736,10 @@ class ToyClipDataset(_Windows):
             if m["split"] != split:
                 continue
             labels = np.load(root / f"{m['name']}.npz")
-            clip = dict(name=m["name"], identity=m["identity"],
-                        video=to_tensor(read_video(root / f"{m['name']}.mp4"), size),
-                        audio=torch.from_numpy(load_audio(root / f"{m['name']}.wav")))
-            for k in ("opening", "spread", "blink", "head"):
-                clip[k] = torch.from_numpy(labels[k].astype(np.float32))
-            clip["viseme"] = torch.from_numpy(labels["viseme"].astype(np.int64))
-            clip["closed"] = torch.from_numpy(labels["closed"].astype(bool))
-            clips.append(clip)
+            clips.append(dict(name=m["name"], identity=m["identity"],
+                              video=to_tensor(read_video(root / f"{m['name']}.mp4"), size),
+                              audio=torch.from_numpy(load_audio(root / f"{m['name']}.wav")),
+                              **label_tensors(labels)))
         self._setup(clips, frames, seed)
 
 

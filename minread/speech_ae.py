@@ -30,8 +30,8 @@ of its temporal VAE. That much is the paper's. Everything below is our reconstru
   the same step count and cost. With `span_parts` = s_t the read-out recovers the mean
   log-mel of each video frame of the span instead (4 x 80 values from one latent): the
   latent must then say how the spectrum moves inside its span, as the mouth does
-  (tiny preset; see `tiny()` for the read-outs that chose it). The DiT gets the latents standardised per channel with
-  buffers fitted after training (`speech_latents`).
+  (tiny preset; see `tiny()` for the read-outs that chose it). The DiT gets the latents
+  standardised per channel with buffers fitted after training (`speech_latents`).
 - Training (`train_speech_ae`): self-supervised log-mel reconstruction on the toy
   speech, then the model is frozen. Mouth labels are never used in training; the
   benchmark (`python -m minread.bench speech_ae`) probes the latents for them.

@@ -415,7 +415,8 @@ def train(stage="all", preset="tiny", out_dir=None, resume=True, until=None, bun
     d = setup_distributed()
     if stage in ("dit", "all") and tc.extra_clips:  # before hours of other stages, not after
         from minread.data import require_espeak
-        require_espeak(f"the DiT stage's {tc.extra_clips} extra eSpeak training clips (or TrainConfig.extra_clips=0)")
+        require_espeak(f"the DiT stage (it renders {tc.extra_clips} extra eSpeak training clips)",
+                       "set TrainConfig.extra_clips=0")
     log = log or make_logger(out / "train.log", d.master)
     vae_path, sae_path = out / "vae" / "ckpt.pt", out / "speech_ae.pt"
     steps = lambda n: {} if n is None else {"steps": n}  # noqa: E731

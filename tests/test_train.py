@@ -186,17 +186,9 @@ def test_resume_after_interruption_is_exact(toy, tmp_path):
     assert all(torch.equal(v, bb["dit"]["state"][k]) for k, v in ba["dit"]["state"].items())
 
 
-def data_has_espeak():
-    try:
-        import parselmouth  # noqa: F401
-        return True
-    except ImportError:
-        return False
-
-
-@pytest.mark.skipif(not data_has_espeak(), reason="needs praat-parselmouth (the speech extra)")
 def test_extra_clips_join_the_latent_cache(toy, tmp_path):
     """extra_clips renders new faces and voices into the DiT's training set; changing it re-encodes."""
+    pytest.importorskip("parselmouth", reason="needs praat-parselmouth (the speech extra)")
     kw = micro(toy / "data")
     v = vae.load_vae(toy / "enc" / "vae" / "ckpt.pt", kw["vae_cfg"])
     s = speech_ae.load_speech_ae(toy / "enc" / "speech_ae.pt", kw["speech_cfg"])
