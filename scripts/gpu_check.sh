@@ -25,6 +25,7 @@ VAE_STEPS=${VAE_STEPS:-300}        # small-preset VAE steps
 SPEECH_STEPS=${SPEECH_STEPS:-100}  # SpeechAE steps (train_speech_ae runs on the CPU only)
 DIT_STEPS=${DIT_STEPS:-400}        # A2V-DiT steps
 BATCH=${BATCH:-16}                 # DiT batch (the small preset's)
+EXTRA_CLIPS=${EXTRA_CLIPS:-0}      # clips rendered in memory for the DiT (preset 640; needs praat-parselmouth)
 VAE_IDENTITIES=${VAE_IDENTITIES:-0}  # faces the VAE renders to train on (preset 400: minutes on one core;
                                      # 0 = DATA's train split)
 TRAIN_TIMEOUT=${TRAIN_TIMEOUT:-330}  # seconds for the whole training step
@@ -81,13 +82,13 @@ fi
 # 2. a short small-preset training run: VAE -> SpeechAE -> A2V-DiT, then the generation bundle
 if (( HAVE_AV )) && [[ -f $DATA/manifest.json ]]; then
   step "train --stage all --preset small (${VAE_STEPS}/${SPEECH_STEPS}/${DIT_STEPS} steps)" "$TRAIN_TIMEOUT" \
-    python - "$OUT_DIR" "$DATA" "$VAE_STEPS" "$SPEECH_STEPS" "$DIT_STEPS" "$BATCH" "$DEVICE" "$VAE_IDENTITIES" <<'EOF'
+    python - "$OUT_DIR" "$DATA" "$VAE_STEPS" "$SPEECH_STEPS" "$DIT_STEPS" "$BATCH" "$DEVICE" "$VAE_IDENTITIES" "$EXTRA_CLIPS" <<'EOF'
 import sys, time
 from dataclasses import replace
 import torch
 from minread import train as tr
 from minread import vae as vae_mod
-out, data, vae_steps, speech_steps, dit_steps, batch, device, vae_ids = sys.argv[1:]
+out, data, vae_steps, speech_steps, dit_steps, batch, device, vae_ids, extra = sys.argv[1:]
 if device == "cpu":                   # train() picks CUDA whenever it is there; hide it for a CPU check
     torch.cuda.is_available = lambda: False
 # train() passes only the step count on to train_vae; the face bank size goes in here
@@ -100,7 +101,7 @@ dit_steps = int(dit_steps)
 tc = replace(tc, out_dir=out, data_root=data, vae_steps=int(vae_steps), speech_steps=int(speech_steps),
              steps=dit_steps, batch_size=int(batch), warmup=min(tc.warmup, max(1, dit_steps // 5)),
              ckpt_every=max(1, dit_steps), eval_every=max(1, dit_steps), eval_clips=2 if dit_steps >= 10 else 0,
-             log_every=max(1, dit_steps // 10))
+             log_every=max(1, dit_steps // 10), extra_clips=int(extra))
 t0 = time.time()
 stats = tr.train("all", "small", vae_cfg=vae_cfg, speech_cfg=speech_cfg, dit_cfg=dit_cfg, tc=tc, resume=False)
 print(f"small preset: {time.time() - t0:.0f} s; last DiT records: {stats['dit']['history'][-2:]}")
