@@ -75,6 +75,10 @@ def load_models(ckpt=None, device="cpu"):
                              f"retrain with `python -m minread train` or use a matching version")
         model.load_state_dict(state)
         models.append(model.to(device).eval().requires_grad_(False))
+    if torch.device(device).type == "cuda":
+        # float32 matrix products on TF32 tensor cores, as nanoGPT samples: 1.7x faster
+        # generation at 128 px on an H200 (27x -> 43x real time for 10 s)
+        torch.backends.cuda.matmul.allow_tf32 = True
     return Models(*models, sampler=dict(pack["sampler"]))
 
 

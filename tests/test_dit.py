@@ -323,3 +323,51 @@ def test_bad_inputs_raise_clear_errors():
         dit.dit_loss(model, dict(latents=x, audio=audio, reference=ref, n_anchors=4), levels)
     with pytest.raises(ValueError, match="prediction"):
         dit.A2VDiT(dataclasses.replace(dit.tiny(), prediction="eps"))
+
+
+def test_copies_and_moves_drop_recorded_graphs():
+    """CUDA graphs hold the addresses of the tensors they were recorded with: a copy of the
+    model, or the model moved or cast, must record its own."""
+    import copy
+    model = make_model()
+    model._graphs["stale"] = object()                 # stands for a recorded graph
+    assert copy.deepcopy(model)._graphs == {} and model._graphs
+    model.float()
+    assert model._graphs == {}
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_graphs_match_eager():
+    """forward_graphed (the default for calls without gradients on a GPU) gives what the
+    eager fused path gives, for several input signatures and fresh inputs on each replay."""
+    model = make_model().cuda().eval()
+    cases = [(1, 5, False), (2, 5, True), (1, 3, False), (1, 5, False), (2, 5, True)]  # repeats replay
+    with torch.no_grad():
+        for i, (B, F, drop) in enumerate(cases):
+            x, levels, audio, ref = (t.cuda() for t in inputs(model.cfg, B=B, F=F, seed=i))
+            drop_audio = torch.arange(B, device="cuda") >= B // 2 if drop else None
+            model.cuda_graphs = False
+            eager = model(x, levels, audio, ref, drop_audio)
+            model.cuda_graphs = True
+            graphed = model(x, levels, audio, ref, drop_audio)
+            torch.testing.assert_close(graphed, eager, atol=1e-5, rtol=1e-4)
+    assert len(model._graphs) == 3
+    out = model(x, levels, audio, ref)  # with gradients: eager, differentiable
+    assert out.requires_grad
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_graphs_sample_the_same_video():
+    from minread import ans
+    model = make_model().cuda().eval()
+    cfg = model.cfg
+    _, _, audio, ref = (t.cuda() for t in inputs(cfg, B=1, F=9))
+    levels = ans.asynchronous(9, 2, 2, 4)
+    videos = []
+    for graphs in (False, True):
+        model.cuda_graphs = graphs
+        clips = ans.generate_latents(model, audio, ref[:, :, :1], levels, n_anchors=1, cfg_scale=1.5, progress=False)
+        videos.append(torch.cat([c for _, c in clips], 2))
+    torch.testing.assert_close(videos[1], videos[0], atol=1e-4, rtol=1e-4)
