@@ -192,9 +192,11 @@ def in_background(items, ahead=1):
 
 
 @torch.no_grad()
-def encode_speech(speech_ae, wave, chunk=64, context=16):
-    """speech_ae.speech_latents(wave) for wave (B, T*640), T = 1 + s_t*k, computed `chunk`
-    latents at a time so that memory does not grow with the length of the audio.
+def encode_speech(speech_ae, wave, frames=None, chunk=64, context=16):
+    """speech_ae.speech_latents of the waveform wave (B, S) zero-padded or trimmed to `frames`
+    video frames (T = 1 + s_t*k; default S // 640), computed `chunk` latents at a time so
+    that memory does not grow with the length of the audio: each piece is cut and padded
+    on its own, the whole padded waveform is never built.
 
     The encoder is causal with a finite receptive field, so latents a..b-1 only need the
     audio from `context` latents earlier. A piece of audio that starts at video frame
@@ -202,14 +204,21 @@ def encode_speech(speech_ae, wave, chunk=64, context=16):
     frame s_t*c alone, is thrown away). Tested equal to the one-pass encoding.
     """
     s_t = speech_ae.cfg.s_t                                            # video frames per latent
-    F = 1 + (wave.shape[1] // HOP - 1) // s_t
+    T = wave.shape[1] // HOP if frames is None else frames
+    if (T - 1) % s_t:
+        raise ValueError(f"encode_speech needs 1 + {s_t}k video frames, got {T}")
+    F = 1 + (T - 1) // s_t
+
+    def piece(t0, t1):                                                 # video frames t0..t1-1 of audio
+        cut = wave[:, t0 * HOP:t1 * HOP]
+        return torch.nn.functional.pad(cut, (0, (t1 - t0) * HOP - cut.shape[1]))
+
     if F <= chunk + context:
-        return speech_ae.speech_latents(wave)
+        return speech_ae.speech_latents(piece(0, T))
     pieces = []
     for a in range(0, F, chunk):                                       # latents a..b-1 from frames s_t*c..s_t*(b-1)
         b, c = min(F, a + chunk), max(0, a - context)
-        piece = wave[:, s_t * c * HOP:(s_t * (b - 1) + 1) * HOP]
-        pieces.append(speech_ae.speech_latents(piece)[:, a - c:b - c])   # (B, b-a, Da)
+        pieces.append(speech_ae.speech_latents(piece(s_t * c, s_t * (b - 1) + 1))[:, a - c:b - c])  # (B, b-a, Da)
     return torch.cat(pieces, 1)                                          # (B, F, Da)
 
 
@@ -222,8 +231,8 @@ def stream_frames(models, reference, wave, schedule="asynchronous", steps=None, 
     device = models.vae.latent_mean.device
     frames = output_frames(len(wave))
     T = model_frames(frames, models.vae.cfg.temporal)
-    audio = torch.from_numpy(fit_audio(np.asarray(wave, dtype=np.float32), T))[None].to(device)  # (1, T*640)
-    speech = encode_speech(models.speech_ae, audio)                                     # (1, F, Da)
+    audio = torch.as_tensor(np.asarray(wave, dtype=np.float32))[None].to(device)       # (1, S), no copy on the CPU
+    speech = encode_speech(models.speech_ae, audio, T)                                  # (1, F, Da)
     ref = models.vae.encode_latents(reference[None, :, None].to(device))                # (1, C, 1, h, w)
     left = frames
     for chunk in sample_video(models, ref, speech, schedule, steps, cfg, seed, progress, overlap):

@@ -213,6 +213,17 @@ def test_chunked_speech_encoding_equals_one_pass():
         chunked = gen.encode_speech(sae, wave, chunk=8, context=16)
     assert chunked.shape == whole.shape
     assert (chunked - whole).abs().max() < 1e-5
+    # audio that ends early (or runs 300 samples over): each piece is padded (trimmed) on its own
+    for samples in ((1 + 4 * 90) * gen.HOP - 5000, (1 + 4 * 90) * gen.HOP + 300):
+        raw = torch.randn(1, samples) * 0.1
+        padded = torch.from_numpy(gen.fit_audio(raw[0].numpy(), 1 + 4 * 90))[None]
+        with torch.no_grad():
+            want = sae.speech_latents(padded)
+            for chunk in (8, 200):                           # chunked, and one pass
+                got = gen.encode_speech(sae, raw, 1 + 4 * 90, chunk=chunk, context=16)
+                assert got.shape == want.shape and (got - want).abs().max() < 1e-5
+    with pytest.raises(ValueError, match="1 \\+ 4k video frames"):
+        gen.encode_speech(sae, wave, 90)
 
 
 def test_bundle_from_another_model_version_is_refused(models, tmp_path):
