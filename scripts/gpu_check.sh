@@ -6,6 +6,8 @@
 #   VAE_STEPS=50 SPEECH_STEPS=50 DIT_STEPS=50 bash scripts/gpu_check.sh   # shorter
 #   DEVICE=cpu DATA=/tmp/toy_small IDS=1 VAE_STEPS=2 SPEECH_STEPS=2 DIT_STEPS=2 BATCH=2 bash scripts/gpu_check.sh
 #
+# The VAE alone, trained to quality on rendered faces: python scripts/gpu_vae_small.py (its own ~10 minutes).
+#
 # Everything is printed (and kept in $OUT_DIR/gpu_check.log). PyAV is needed to read data_toy's mp4 and wav
 # files: it is pip-installed when missing and a registry is reachable; without it the data-dependent steps
 # (training, generation) are reported as SKIPPED and the attention steps still run. The exit status is
