@@ -49,6 +49,9 @@ def test_generate_bench(bundle, capsys):
     k = (s["calls"] // 4) / len(fig["inputs"])
     assert a["calls"] == len(fig["inputs"]) * ((k - 1) * 2 + 4) and s["calls"] == o["calls"]
     assert 0.5 < a["calls_vs_overlap"] < 0.6                           # warm-up + tail paid once per clip
+    true, rec = fig["ceilings"]["true frames"], fig["ceilings"]["VAE reconstruction"]
+    assert true["lip_corr"] > 0.9 and true["av_offset"] == 0 and true["identity_error"] < 0.2   # the truth scores as truth
+    assert -1 <= rec["lip_corr"] <= 1 and "closure F1" in out
 
 
 def test_async_calls_against_overlap_from_count_calls():

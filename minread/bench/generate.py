@@ -160,6 +160,23 @@ def window_metrics(video, truth, reference, starts):
     return out
 
 
+def ceilings(models, inputs):
+    """What the metrics give on these inputs without generating: the true frames, and the
+    VAE's reconstruction of them (the most a perfect DiT could reach in this latent space).
+    Averaged like the schedules' rows; frames trimmed to 1 + s_t*k for the VAE."""
+    s_t, device = models.vae.cfg.temporal, models.vae.latent_mean.device
+    rows = {"true frames": [], "VAE reconstruction": []}
+    for _, c, ref in inputs:
+        T = 1 + (min(c["video"].shape[1], len(c["opening"])) - 1) // s_t * s_t
+        video, truth = c["video"][:, :T], {k: c[k][:T] for k in ("opening", "closed", "viseme")}
+        with torch.no_grad():
+            rec = models.vae.decode_latents(models.vae.encode_latents(video[None].to(device)))[0].clamp(-1, 1).cpu()
+        for name, v in (("true frames", video), ("VAE reconstruction", rec)):
+            rows[name].append(metrics.clip_metrics(v, {**truth, "reference": ref}))
+    return {name: {k: float(np.nanmean([r[k] for r in rs if k in r])) for k in METRICS if k in rs[0]}
+            for name, rs in rows.items()}
+
+
 def expected_calls(models, frames, schedule, steps=None):
     """Model calls the schedule matrix costs for a video of `frames` frames (ans.count_calls)."""
     F = 1 + math.ceil((gen.model_frames(frames, models.vae.cfg.temporal) - 1) / models.vae.cfg.temporal)
@@ -315,12 +332,18 @@ def main(argv=None):
     print(f"\n{seconds:.1f} s of video per schedule; wall time = speech + reference encoding, sampling, "
           f"streaming decode (no file writing); peak memory: {method}\n")
     print(table(rows))
+    ceiling = ceilings(models, inputs)
+    for name, r in ceiling.items():
+        print(f"{name} of the same inputs (no generation): LipCorr {r['lip_corr']:.3f}, amplitude "
+              f"{r['amplitude_ratio']:.2f}, closure F1 {r['closure_f1']:.3f}, offset {r['av_offset']:+.2f}, "
+              f"id err {r['identity_error']:.3f}")
     print(f"\ncommand: python -m minread.bench generate --ckpt {args.ckpt} --identities {args.identities} "
           f"--sentences {args.sentences} --seed {args.seed}" + (f" --threads {args.threads}" if args.threads else "")
           + (" --sequential" if args.sequential else ""))
     figures = {"ckpt": str(args.ckpt), "inputs": [c["name"] for _, c, _ in inputs], "seconds_per_schedule": seconds,
                "sampler": models.sampler, "image_size": models.vae.cfg.image_size, "device": args.device,
-               "memory_method": method, "overlap": not args.sequential, "schedules": rows, "machine": machine()}
+               "memory_method": method, "overlap": not args.sequential, "schedules": rows, "ceilings": ceiling,
+               "machine": machine()}
     if "asynchronous" in rows:
         checks = targets(rows, rows["asynchronous"]["calls_vs_overlap_long_run"], args.device) if "synchronous" in rows else []
         for text, met in checks:
