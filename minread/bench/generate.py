@@ -251,7 +251,8 @@ def targets(rows, long_run, device="cpu"):
     return [(f"asynchronous calls <= 0.5x overlap (long run): {long_run:.3f}", long_run <= 0.5 + 1e-9),
             (f"asynchronous calls <= 0.5x overlap (these clips, warm-up + tail included): "
              f"{a['calls_vs_overlap']:.3f}", a["calls_vs_overlap"] <= 0.5 + 1e-9),
-            (f"asynchronous wall <= 0.6x overlap: {a['wall_vs_overlap']:.3f}", a["wall_vs_overlap"] <= 0.6),
+            (f"asynchronous wall <= 0.6x overlap (these clips; long videos: bench long): {a['wall_vs_overlap']:.3f}",
+             a["wall_vs_overlap"] <= 0.6),
             (f"asynchronous LipCorr >= overlap - 0.02: {a['lip_corr']:.3f} vs {o['lip_corr']:.3f}",
              a["lip_corr"] >= o["lip_corr"] - 0.02),
             (f"asynchronous seam ratio no worse than overlap (|seam - 1|): {a['seam_ratio']:.3f} vs "
