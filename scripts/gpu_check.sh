@@ -73,9 +73,9 @@ python -c "import av" 2>/dev/null || timeout 120 pip install -q av || echo "PyAV
 if python -c "import av" 2>/dev/null; then HAVE_AV=1; else HAVE_AV=0; fi
 python -c "import parselmouth" 2>/dev/null || echo "(praat-parselmouth absent: only needed to render data, not to read data_toy)"
 
-# 1. attention: the GPU tests and the benchmark
+# 1. the GPU tests (attention kernels, the DiT's CUDA graphs) and the attention benchmark
 if [[ $DEVICE == cuda ]]; then
-  step "pytest -m gpu tests/test_attention.py" 180 python -m pytest -q -m gpu tests/test_attention.py
+  step "pytest -m gpu (attention, DiT CUDA graphs)" 180 python -m pytest -q -m gpu tests/test_attention.py tests/test_dit.py
   step "bench attention --device cuda" 200 python -m minread.bench attention --device cuda --budget-s 120
 else
   skip "attention GPU tests and benchmark" "DEVICE=$DEVICE"
