@@ -357,6 +357,17 @@ def generate(image, audio, out, schedule="asynchronous", steps=None, cfg=None, c
 
 # ----------------------------------------------------------------------------- toy evaluation
 
+def reconstruction_metrics(models, video, truth, reference):
+    """metrics.clip_metrics of the VAE's reconstruction of true frames video (3, T, H, W),
+    trimmed to 1 + s_t*k frames with their truth tracks: the ceiling of a latent model."""
+    from minread import metrics
+    s_t, device = models.vae.cfg.temporal, models.vae.latent_mean.device
+    T = 1 + (video.shape[1] - 1) // s_t * s_t
+    with torch.no_grad():
+        rec = models.vae.decode_latents(models.vae.encode_latents(video[None, :, :T].to(device)))[0].clamp(-1, 1)
+    return metrics.clip_metrics(rec.cpu(), {**{k: v[:T] for k, v in truth.items()}, "reference": reference})
+
+
 def reference_frame(clips, j, seed=0):
     """A frame (3, H, W) from another clip of clip j's identity: its mouth state is not j's."""
     others = [k for k, c in enumerate(clips) if c["identity"] == clips[j]["identity"] and k != j] or [j]
@@ -403,11 +414,7 @@ def demo(ckpt=None, out="out/demo.mp4", data_root="data_toy", clip=0, schedule="
     T = run["frames"]
     truth = {k: c[k][:T] for k in ("opening", "closed", "viseme")}
     figures = metrics.clip_metrics(run.pop("video"), {**truth, "reference": ref})
-    s_t = models.vae.cfg.temporal
-    Tv = 1 + (T - 1) // s_t * s_t
-    with torch.no_grad():
-        recon = models.vae.decode_latents(models.vae.encode_latents(c["video"][None, :, :Tv]))[0].clamp(-1, 1)
-    ceiling = metrics.clip_metrics(recon, {**{k: v[:Tv] for k, v in truth.items()}, "reference": ref})
+    ceiling = reconstruction_metrics(models, c["video"][:, :T], truth, ref)
     fmt = lambda d: {k: round(v, 3) for k, v in d.items()}  # noqa: E731
     print(f"generated vs toy truth:      {fmt(figures)}")
     print(f"VAE reconstruction vs truth: {fmt(ceiling)}")

@@ -164,15 +164,13 @@ def ceilings(models, inputs):
     """What the metrics give on these inputs without generating: the true frames, and the
     VAE's reconstruction of them (the most a perfect DiT could reach in this latent space).
     Averaged like the schedules' rows; frames trimmed to 1 + s_t*k for the VAE."""
-    s_t, device = models.vae.cfg.temporal, models.vae.latent_mean.device
+    s_t = models.vae.cfg.temporal
     rows = {"true frames": [], "VAE reconstruction": []}
     for _, c, ref in inputs:
         T = 1 + (min(c["video"].shape[1], len(c["opening"])) - 1) // s_t * s_t
         video, truth = c["video"][:, :T], {k: c[k][:T] for k in ("opening", "closed", "viseme")}
-        with torch.no_grad():
-            rec = models.vae.decode_latents(models.vae.encode_latents(video[None].to(device)))[0].clamp(-1, 1).cpu()
-        for name, v in (("true frames", video), ("VAE reconstruction", rec)):
-            rows[name].append(metrics.clip_metrics(v, {**truth, "reference": ref}))
+        rows["true frames"].append(metrics.clip_metrics(video, {**truth, "reference": ref}))
+        rows["VAE reconstruction"].append(gen.reconstruction_metrics(models, video, truth, ref))
     return {name: {k: float(np.nanmean([r[k] for r in rs if k in r])) for k in METRICS if k in rs[0]}
             for name, rs in rows.items()}
 
