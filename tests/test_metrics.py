@@ -1,3 +1,4 @@
+import math
 import numpy as np
 import pytest
 import torch
@@ -70,12 +71,58 @@ def test_reference_calibrates_face_size():
     assert (reads[0] - torch.from_numpy(opening)).abs().max() < 0.12
 
 
-def test_closure_f1():
+def test_closure_f1_frames():
     closed = torch.tensor([0, 1, 1, 0, 0, 1, 0, 0], dtype=torch.bool)
     read = torch.tensor([0.5, 0.0, 0.03, 0.6, 0.7, 0.04, 0.5, 0.4])
+    assert metrics.closure_f1_frames(read, closed) == 1.0
+    assert metrics.closure_f1_frames(torch.full((8,), 0.5), closed) == 0.0
+    assert metrics.closure_f1_frames(torch.zeros(8), closed) == pytest.approx(2 * 3 / (8 + 3))
+
+
+def _closure_f1_loops(read, closed, speaking, threshold=0.05, tol=1):
+    """closure_f1 written out frame by frame, as the reference."""
+    T = len(read)
+    pred = [bool(read[t] < threshold and speaking[t]) for t in range(T)]
+    cl = [bool(closed[t] and speaking[t]) for t in range(T)]
+    sounds, t = [], 0
+    while t < T:
+        if cl[t]:
+            a = t
+            while t + 1 < T and cl[t + 1]:
+                t += 1
+            sounds.append((a, t))
+        t += 1
+    if not sounds:
+        return float("nan")
+    if not any(pred):
+        return 0.0
+    found = sum(any(pred[u] for u in range(T) if a - tol <= u <= b + tol) for a, b in sounds)
+    right = sum(1 for u in range(T) if pred[u] and any(a - tol <= u <= b + tol for a, b in sounds))
+    p, r = right / sum(pred), found / len(sounds)
+    return 2 * p * r / (p + r) if p + r else 0.0
+
+
+def test_closure_f1():
+    closed = torch.tensor([0, 1, 1, 0, 0, 0, 0, 1, 0, 0], dtype=torch.bool)
+    read = torch.tensor([0.5, 0.0, 0.03, 0.6, 0.7, 0.5, 0.5, 0.04, 0.5, 0.4])
     assert metrics.closure_f1(read, closed) == 1.0
-    assert metrics.closure_f1(torch.full((8,), 0.5), closed) == 0.0
-    assert metrics.closure_f1(torch.zeros(8), closed) == pytest.approx(2 * 3 / (8 + 3))
+    late = torch.tensor([0.5, 0.5, 0.0, 0.03, 0.7, 0.5, 0.5, 0.5, 0.04, 0.4])  # each closure 1 frame late
+    assert metrics.closure_f1(late, closed) == 1.0
+    assert metrics.closure_f1_frames(late, closed) < 0.6                   # the strict reading pays twice
+    missed = torch.tensor([0.5, 0.0, 0.03, 0.6, 0.7, 0.5, 0.5, 0.5, 0.5, 0.04])  # the second 2 frames late
+    assert metrics.closure_f1(missed, closed) == pytest.approx(2 * (2 / 3) * 0.5 / (2 / 3 + 0.5))
+    assert metrics.closure_f1(torch.full((10,), 0.5), closed) == 0.0
+    assert metrics.closure_f1(torch.zeros(10), closed) == pytest.approx(2 * 0.7 / 1.7)  # never opens: 7 of 10 frames near a sound
+    assert torch.isnan(torch.tensor(metrics.closure_f1(read, torch.zeros(10, dtype=torch.bool))))
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(50):
+        T = int(torch.randint(5, 30, (1,), generator=gen))
+        read = torch.rand(T, generator=gen) * (torch.rand(T, generator=gen) > 0.5)
+        closed = torch.rand(T, generator=gen) > 0.7
+        speaking = torch.rand(T, generator=gen) > 0.2
+        want = _closure_f1_loops(read, closed, speaking)
+        got = metrics.closure_f1(read, closed, speaking)
+        assert (math.isnan(want) and math.isnan(got)) or got == pytest.approx(want)
 
 
 def test_identity_error_grows_for_another_face(clip):

@@ -50,7 +50,7 @@ from minread.bench import machine, report
 SCHEDULES = ("synchronous", "synchronous_overlap", "asynchronous")
 BASE = "synchronous_overlap"
 METRICS = ("lip_corr", "amplitude_ratio", "lip_mae", "av_offset", "av_confidence", "closure_f1",
-           "identity_error", "seam_ratio")
+           "closure_f1_frames", "identity_error", "seam_ratio")
 
 
 # ----------------------------------------------------------------------------- memory
@@ -334,8 +334,8 @@ def main(argv=None):
     ceiling = ceilings(models, inputs)
     for name, r in ceiling.items():
         print(f"{name} of the same inputs (no generation): LipCorr {r['lip_corr']:.3f}, amplitude "
-              f"{r['amplitude_ratio']:.2f}, closure F1 {r['closure_f1']:.3f}, offset {r['av_offset']:+.2f}, "
-              f"id err {r['identity_error']:.3f}")
+              f"{r['amplitude_ratio']:.2f}, closure F1 {r['closure_f1']:.3f} (per frame "
+              f"{r['closure_f1_frames']:.3f}), offset {r['av_offset']:+.2f}, id err {r['identity_error']:.3f}")
     print(f"\ncommand: python -m minread.bench generate --ckpt {args.ckpt} --identities {args.identities} "
           f"--sentences {args.sentences} --seed {args.seed}" + (f" --threads {args.threads}" if args.threads else "")
           + (" --sequential" if args.sequential else ""))
