@@ -57,6 +57,12 @@ BLOCK_SIZE = 128  # FlexAttention's tile; one block-mask entry covers 128 x 128 
 CPU_FLEX_MIN_SCORES = 2048 * 2048
 CPU_FLEX_MAX_TILES = 0.5
 
+# Tile sizes, warps and pipeline stages of the compiled flex kernel (FlexAttention's
+# `kernel_options`, e.g. {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2});
+# empty = torch's defaults for the GPU. `python -m minread.bench attention --kernel-options`
+# sets it to compare settings on one GPU; on CPU torch ignores what its kernel has no use for.
+KERNEL_OPTIONS = {}
+
 # One compiled FlexAttention per process. Static shapes: each new (shape, mask) compiles
 # once (seconds), and torch 2.13's CPU kernel fails to build with dynamic shapes, which
 # dynamo's default would switch to on the second shape. Allow more recompiles than the
@@ -300,8 +306,9 @@ def math_attention(q, k, v, mask=None):
 def flex(q, k, v, mask=None, compiled=True):
     """FlexAttention with the cached block mask; compiled (fused kernel) or eager."""
     bm = None if mask is None else block_mask(mask, q.shape[-2], k.shape[-2], q.device)
-    fn = _flex_compiled if compiled else flex_attention
-    return fn(q, k, v, block_mask=bm)
+    if not compiled:
+        return flex_attention(q, k, v, block_mask=bm)
+    return _flex_compiled(q, k, v, block_mask=bm, kernel_options=dict(KERNEL_OPTIONS) or None)
 
 
 def blockwise_attention(q, k, v, mask=None):

@@ -210,6 +210,29 @@ def test_cuda_compiled_flex_matches_sdpa_forward_and_grads(name):
     assert A.choose_impl(q, k, mask) == ("sdpa" if name == "full" else "flex")
 
 
+@cuda
+@pytest.mark.gpu
+def test_cuda_flex_kernel_options_keep_the_result(monkeypatch):
+    """Other tile sizes (what `bench attention --kernel-options` sweeps) change speed only."""
+    mask, _, lq, lkv = CASES["clip_causal+ref"]
+    q, k, v = (t.cuda().detach().requires_grad_() for t in qkv(lq, lkv, 64))
+    want = attention(q, k, v, mask, "sdpa")
+    monkeypatch.setattr(A, "KERNEL_OPTIONS", {"BLOCK_M": 64, "BLOCK_N": 64})
+    got = attention(q, k, v, mask, "flex")
+    torch.testing.assert_close(got, want, atol=2e-4, rtol=1e-3)
+    got.square().sum().backward()
+    assert torch.isfinite(q.grad).all()
+
+
+def test_compiled_flex_with_kernel_options_matches_sdpa(monkeypatch):
+    mask, _, lq, lkv = CASES["audio_window"]
+    q, k, v = qkv(lq, lkv)
+    monkeypatch.setattr(A, "KERNEL_OPTIONS", {"BLOCK_M": 64, "BLOCK_N": 64})
+    with torch.no_grad():
+        torch.testing.assert_close(attention(q, k, v, mask, "flex"),
+                                   attention(q, k, v, mask, "sdpa"), atol=2e-5, rtol=1e-4)
+
+
 def test_masks_cached_under_inference_mode_serve_training():
     """A mask first built inside torch.inference_mode is reused by a later backward pass."""
     A.clear_cache()

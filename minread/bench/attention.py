@@ -28,6 +28,7 @@ and excluded from the timings.
 """
 
 import argparse
+import json
 import statistics
 import time
 
@@ -173,9 +174,14 @@ def main(argv=None):
                    help="skip the math path above this length (default cpu 2048, cuda 8192)")
     p.add_argument("--cpu-backward-max-length", type=int, default=2048,
                    help="on CPU, time fwd+bwd (sdpa, math) only up to this length")
+    p.add_argument("--kernel-options", type=json.loads, default={},
+                   help='settings of the compiled flex kernel as JSON (default: torch\'s), '
+                        'e.g. {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2}')
     p.add_argument("--budget-s", type=float, default=None,
                    help="stop starting new cases after this many seconds (default cpu 170, cuda 180)")
     args = p.parse_args(argv)
+    A.KERNEL_OPTIONS.clear()
+    A.KERNEL_OPTIONS.update(args.kernel_options)
     cuda = args.device == "cuda"
     if cuda and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device here; use --device cpu")
@@ -196,7 +202,8 @@ def main(argv=None):
     print(f"attention benchmark on {args.device} ({info.get('gpu', info['cpu'])}, {info['threads']} threads), "
           f"B={args.batch} nh={args.heads} hd={args.head_dim} {str(args.dtype).replace('torch.', '')}", flush=True)
     figures = {"machine": info, "device": args.device, "batch": args.batch, "heads": args.heads,
-               "head_dim": args.head_dim, "dtype": str(args.dtype), "rows": []}
+               "head_dim": args.head_dim, "dtype": str(args.dtype), "kernel_options": args.kernel_options,
+               "rows": []}
     if not cuda:
         print("tiny DiT calls (forward, per call):", flush=True)
         figures["tiny_dit"] = tiny_dit_calls(args)
