@@ -16,14 +16,15 @@ cached once, the window sampler, the evaluation) is our reconstruction.
 - Several processes through `torchrun` train the DiT with DistributedDataParallel, as
   nanoGPT does: gloo on CPU, NCCL on CUDA, logging and checkpoints on rank 0 only.
 - The DiT trains on the toy set's training clips plus `extra_clips` clips rendered in
-  memory at the start of the stage (`data.render_training_clips`: 160 new faces with new
-  eSpeak voices speaking the training sentences; needs the `speech` extra). The tiny
-  preset's 640 extra clips (4x data_toy's 160) come with 2000 DiT steps instead of 1000
-  (on data_toy alone 4000 steps had scored lower than 1000: the DiT learned the training
-  clips). On 16 held-out clips (S = 2, guidance 1.5), same encoders: LipCorr 0.768 and
-  train-clip LipCorr 0.803 with both, against 0.746 and 0.817 for 1000 steps on data_toy
-  alone; with the previous SpeechAE, 640 extra clips at 1000 steps alone gave 0.742
-  against 0.737.
+  memory at the start of the stage (`data.render_training_clips`: new faces with new
+  eSpeak voices speaking the training sentences; needs the `speech` extra). More data is
+  what moved held-out lip sync; on 16 held-out clips (S = 2, guidance 1.5), same
+  encoders, LipCorr on held-out / training clips: data_toy alone, 1000 steps 0.746 / 0.817
+  (4000 steps scored lower: the DiT learned the training clips); + 640 clips, 2000 steps
+  0.768 / 0.803; + 1280, 2000 steps 0.774 / 0.799; + 2560, 3000 steps 0.783 / 0.811 (the
+  tiny preset); + 5120, 3000 steps 0.782 / 0.810 (no further gain, 18 more minutes).
+  At 640 clips two other settings scored lower than 0.768: motion_weight 12 (0.760) and
+  width 192 with 6 heads (0.762, training clips 0.833: it fits the training voices).
 - `bundle` packs the three trained models (EMA weights for the DiT) into the one
   checkpoint that generation loads.
 """
@@ -89,7 +90,7 @@ def presets(preset):
     """(vae_cfg, speech_cfg, dit_cfg, train_cfg) of a named preset: "tiny" or "small"."""
     from minread import dit, speech_ae, vae
     if preset == "tiny":
-        return vae.tiny(), speech_ae.tiny(), dit.tiny(), TrainConfig(extra_clips=640)
+        return vae.tiny(), speech_ae.tiny(), dit.tiny(), TrainConfig(extra_clips=2560, steps=3000)
     if preset == "small":
         tc = TrainConfig(preset="small", out_dir="runs/small", steps=20000, batch_size=16,
                          lr=2e-4, min_lr=2e-5, warmup=500, ema_decay=0.9995, M=1, S=16,
