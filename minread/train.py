@@ -23,8 +23,9 @@ cached once, the window sampler, the evaluation) is our reconstruction.
   (4000 steps scored lower: the DiT learned the training clips); + 640 clips, 2000 steps
   0.768 / 0.803; + 1280, 2000 steps 0.774 / 0.799; + 2560, 3000 steps 0.783 / 0.811 (the
   tiny preset); + 5120, 3000 steps 0.782 / 0.810 (no further gain, 18 more minutes).
-  At 640 clips two other settings scored lower than 0.768: motion_weight 12 (0.760) and
-  width 192 with 6 heads (0.762, training clips 0.833: it fits the training voices).
+  Settings that scored lower held out: at 640 clips motion_weight 12 (0.760 / 0.801) and
+  width 192 with 6 heads (0.762 / 0.833: it fits the training voices); at 2560 clips a
+  speech window of +-2 latent frames (audio_radius = cond_radius = 2: 0.773 / 0.828, the same).
 - `bundle` packs the three trained models (EMA weights for the DiT) into the one
   checkpoint that generation loads.
 """
