@@ -134,12 +134,16 @@ def closure_f1(read, closed, speaking=None, threshold=0.05, tolerance=1):
     speaking = torch.ones_like(closed, dtype=torch.bool) if speaking is None else speaking.bool()
     pred = (read < threshold) & speaking
     sounds = _runs(closed.bool() & speaking)
-    near = torch.zeros_like(pred)
+    if not sounds:
+        return float("nan")
+    if not pred.any():
+        return 0.0
+    near, found = torch.zeros_like(pred), 0                   # frames within tolerance of a sound
     for a, b in sounds:
-        near[max(0, a - tolerance):b + tolerance + 1] = True
-    if not sounds or not pred.any():
-        return float("nan") if not sounds else 0.0
-    recall = sum(bool(pred[max(0, a - tolerance):b + tolerance + 1].any()) for a, b in sounds) / len(sounds)
+        window = slice(max(0, a - tolerance), b + tolerance + 1)
+        near[window] = True
+        found += bool(pred[window].any())
+    recall = found / len(sounds)
     precision = float((pred & near).sum()) / float(pred.sum())
     return 2 * precision * recall / (precision + recall) if precision + recall > 0 else 0.0
 

@@ -112,7 +112,8 @@ def test_closure_f1():
     missed = torch.tensor([0.5, 0.0, 0.03, 0.6, 0.7, 0.5, 0.5, 0.5, 0.5, 0.04])  # the second 2 frames late
     assert metrics.closure_f1(missed, closed) == pytest.approx(2 * (2 / 3) * 0.5 / (2 / 3 + 0.5))
     assert metrics.closure_f1(torch.full((10,), 0.5), closed) == 0.0
-    assert metrics.closure_f1(torch.zeros(10), closed) == pytest.approx(2 * 0.7 / 1.7)  # never opens: 7 of 10 frames near a sound
+    # a mouth that never opens: recall 1, precision 7/10 (the frames within one frame of a sound)
+    assert metrics.closure_f1(torch.zeros(10), closed) == pytest.approx(2 * 0.7 / 1.7)
     assert torch.isnan(torch.tensor(metrics.closure_f1(read, torch.zeros(10, dtype=torch.bool))))
     gen = torch.Generator().manual_seed(0)
     for _ in range(50):
