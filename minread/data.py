@@ -457,14 +457,15 @@ def render_frames(identity, opening, spread, blink, head, size=64):
 
 # ----------------------------------------------------------------------------- clips
 
-def render_clip(identity, text=None, size=64, seed=0, source="espeak", voice=None):
+def render_clip(identity, text=None, size=64, seed=0, source="espeak", voice=None, frames=True):
     """One sentence spoken by one face -> dict of frames, audio and per-frame truth.
 
     identity: an `Identity` (or an int seed for one); text: the sentence (eSpeak) or
     None (babble); seed: voice, padding, blinks and head motion. Returns `video` uint8
     (T, H, W, 3), `audio` float32 (T*640,) and tracks `opening`, `spread`, `viseme`,
     `closed`, `blink` (T,), `head` (T, 2), plus `phones` (label, t0, t1) in seconds of
-    speech (add `offset` for seconds of the clip), `voice`, `text`.
+    speech (add `offset` for seconds of the clip), `voice`, `text`. With frames=False
+    `video` is None (speech and truth only, several times faster).
     """
     if not isinstance(identity, Identity):
         identity = sample_identity(int(identity))
@@ -491,7 +492,7 @@ def render_clip(identity, text=None, size=64, seed=0, source="espeak", voice=Non
     audio[lead:lead + len(speech)] += voice.gain * speech / (np.abs(speech).max() + 1e-8)
     tracks = mouth_tracks(phones, T, offset=lead / SAMPLE_RATE)
     blink, head = blinks_and_head(seed, T)
-    video = render_frames(identity, tracks["opening"], tracks["spread"], blink, head, size)
+    video = render_frames(identity, tracks["opening"], tracks["spread"], blink, head, size) if frames else None
     return dict(video=video, audio=audio, blink=blink, head=head, **tracks, phones=phones,
                 offset=lead / SAMPLE_RATE, voice=asdict(voice), text=text or "",
                 identity=asdict(identity))
@@ -576,26 +577,27 @@ def _salad(rng, words, lo=4, hi=9):
 
 
 def _render_extra(job):
-    _, ident_seed, clip_seed, text, size, _ = job
-    return render_clip(ident_seed, text, size=size, seed=clip_seed)   # numpy only: safe in a forked worker
+    _, ident_seed, clip_seed, text, size, _, frames = job
+    return render_clip(ident_seed, text, size=size, seed=clip_seed, frames=frames)   # numpy only: safe in a forked worker
 
 
 def _as_toy_clip(job, c):
     """A rendered clip -> the dict ToyClipDataset holds (torch work stays in the parent process)."""
-    i, ident_seed, clip_seed, text, _, out_size = job
+    i, ident_seed, clip_seed, text, _, out_size, frames = job
     return dict(name=f"extra/id{i:04d}_c{clip_seed % 100:02d}", identity=ident_seed, text=text,
-                video=to_tensor(c["video"], out_size), audio=torch.from_numpy(c["audio"]), **label_tensors(c))
+                video=to_tensor(c["video"], out_size) if frames else None, audio=torch.from_numpy(c["audio"]), **label_tensors(c))
 
 
 def render_training_clips(identities, clips_per_identity=4, out_size=32, size=64, seed=0,
-                          first=EXTRA_FIRST, salad=0.5, test_fraction=0.25, workers=1, progress=False):
+                          first=EXTRA_FIRST, salad=0.5, test_fraction=0.25, workers=1, progress=False, frames=True):
     """Extra eSpeak training clips rendered in memory, as ToyClipDataset's `clips` dicts.
 
     New faces (identities first.. of `seed`, past any rendered set's) and new voices, each
     clip speaking either one of the set's training sentences or, with probability `salad`,
     a random sequence of their words: held-out sentences and faces stay unseen. Frames are
     rendered at `size` and reduced to `out_size` exactly as ToyClipDataset reads data_toy.
-    Same arguments -> same clips. Needs praat-parselmouth (`pip install -e .[speech]`).
+    Same arguments -> same clips (frames=False: the same speech and truth, `video` None).
+    Needs praat-parselmouth (`pip install -e .[speech]`).
     """
     from tqdm import tqdm
     require_espeak("rendering extra eSpeak training clips", "train with extra_clips=0")
@@ -607,7 +609,7 @@ def render_training_clips(identities, clips_per_identity=4, out_size=32, size=64
             clip_seed = ident_seed * 100 + k
             rng = np.random.default_rng([clip_seed, 17])
             text = _salad(rng, words) if rng.random() < salad else SENTENCES[sentences[rng.integers(len(sentences))]]
-            jobs.append((i, ident_seed, clip_seed, text, size, out_size))
+            jobs.append((i, ident_seed, clip_seed, text, size, out_size, frames))
     if workers > 1:
         import multiprocessing as mp
         with mp.get_context("fork").Pool(workers) as pool:

@@ -259,3 +259,7 @@ def test_extra_training_clips_keep_held_out_sentences_and_faces_unseen():
         assert c["identity"] >= data.EXTRA_FIRST and c["video"].shape[1:] == (len(c["opening"]), 32, 32)
         assert len(c["audio"]) == 640 * len(c["opening"]) and c["closed"].dtype == torch.bool
     assert len({c["identity"] for c in clips}) == 2     # 3 clips per new face: references from other clips
+    speech_only = data.render_training_clips(2, clips_per_identity=3, out_size=32, seed=0, salad=0.5, frames=False)
+    for c, s in zip(clips, speech_only):                # the same speech and truth, no frames
+        assert s["video"] is None and s["text"] == c["text"] and torch.equal(s["audio"], c["audio"])
+        assert torch.equal(s["opening"], c["opening"]) and torch.equal(s["closed"], c["closed"])

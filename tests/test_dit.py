@@ -140,8 +140,9 @@ def test_level_changes_only_its_frame_modulation():
 
 
 @pytest.mark.parametrize("cond_radius", [0, 1, 2])
-def test_speech_changes_only_its_frames_conditioning(cond_radius):
-    model = make_model(cond_radius=cond_radius)
+@pytest.mark.parametrize("cond_hidden", [0, 48])
+def test_speech_changes_only_its_frames_conditioning(cond_radius, cond_hidden):
+    model = make_model(cond_radius=cond_radius, cond_hidden=cond_hidden)
     x, levels, audio, ref = inputs(model.cfg, F=6)
     c = model.embed(x, levels, audio, ref)[1]                   # (B, 1+F, D)
     for g in (0, 2, 5):
@@ -198,7 +199,7 @@ def test_compiled_flex_agrees_with_sdpa():
 
 @pytest.mark.parametrize("changes", [{}, {"patch": 2, "audio_radius": 0},
                                      {"audio_radius": 2, "prediction": "v", "ref_skip": False, "cond_radius": 2},
-                                     {"ref_skip": False, "cond_radius": 0}])
+                                     {"ref_skip": False, "cond_radius": 0}, {"cond_hidden": 48}])
 def test_fused_path_matches_reference(changes):
     """run_blocks_fused (the default) computes what run_blocks does: outputs and every
     parameter's gradient, with some conditions dropped."""
