@@ -231,3 +231,14 @@ def test_frame_probe_lines_up_latents_mel_spans_and_openings():
     assert torch.allclose(mel[5 + 1].view(80, 3 * L)[:, L:2 * L], m[:, 4 + L:4 + 2 * L])   # latent 2's own span
     r = bench.frame_probe(model, clips[:2], clips[2:], mlp=False)
     assert -1 <= r["frame_probe_latents_ridge"] <= 1 and -1 <= r["frame_probe_logmel_ridge"] <= 1
+
+
+def test_frame_probe_extra_clips_are_speech_and_truth_of_new_voices():
+    from minread.bench import speech_ae as bench
+    assert bench.extra_clips(0) == []
+    with pytest.raises(ValueError, match="multiple of 4"):
+        bench.extra_clips(6)
+    pytest.importorskip("parselmouth", reason="needs praat-parselmouth (the speech extra)")
+    clips = bench.extra_clips(4)
+    assert len(clips) == 4 and all(len(a) == 640 * len(o) for a, o in clips)
+    assert len({len(a) for a, _ in clips}) > 1                                    # four different utterances
