@@ -578,14 +578,16 @@ def _salad(rng, words, lo=4, hi=9):
 
 def _render_extra(job):
     _, ident_seed, clip_seed, text, size, _, frames = job
-    return render_clip(ident_seed, text, size=size, seed=clip_seed, frames=frames)   # numpy only: safe in a forked worker
+    # numpy only: safe in a forked worker
+    return render_clip(ident_seed, text, size=size, seed=clip_seed, frames=frames)
 
 
 def _as_toy_clip(job, c):
     """A rendered clip -> the dict ToyClipDataset holds (torch work stays in the parent process)."""
     i, ident_seed, clip_seed, text, _, out_size, frames = job
     return dict(name=f"extra/id{i:04d}_c{clip_seed % 100:02d}", identity=ident_seed, text=text,
-                video=to_tensor(c["video"], out_size) if frames else None, audio=torch.from_numpy(c["audio"]), **label_tensors(c))
+                video=to_tensor(c["video"], out_size) if frames else None, audio=torch.from_numpy(c["audio"]),
+                **label_tensors(c))
 
 
 def render_training_clips(identities, clips_per_identity=4, out_size=32, size=64, seed=0,

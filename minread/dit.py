@@ -39,14 +39,15 @@ Our reconstruction (the paper publishes no layer details):
   latents are causal (token f has heard the audio up to frame f only) while lips move
   ahead of the sound: a linear read-out of the mouth from tokens f-1..f+1 beats one
   from token f alone (r 0.77 vs 0.75 on held-out clips). With `cond_hidden` (tiny: 512)
-  the map from tokens f-1..f+1 to the conditioning is an MLP, not one linear map: the mouth
-  is a nonlinear function of the speech around it (a read-out of the 4 openings of a
-  latent frame from speech latents f-1..f+1, fitted on 1440 clips, reached r 0.81 linear
-  against 0.88 with an MLP: `python -m minread.bench speech_ae --extra-clips 1280`). In equal-step runs on the tiny preset (1000 steps, 2720
-  clips, 16 held-out clips, S = 2, guidance 1.5) held-out / training-clip LipCorr went
-  from 0.764 / 0.765 (linear) to 0.776 / 0.800 (hidden 512; 1024: 0.774 / 0.785; 512
-  over f-2..f+2: 0.763 / 0.784), and to 0.780 / 0.815 with the peak learning rate
-  doubled to 1e-3 (the tiny preset's);
+  the map from tokens f-1..f+1 to the conditioning is an MLP, not one linear map: the
+  mouth is a nonlinear function of the speech around it (a read-out of the 4 openings
+  of a latent frame from speech latents f-1..f+1, fitted on 1440 clips, reached r 0.81
+  linear against 0.88 with an MLP: `python -m minread.bench speech_ae --extra-clips
+  1280`). In equal-step runs on the tiny preset (1000 steps, 2720 clips, 16 held-out
+  clips, S = 2, guidance 1.5) held-out / training-clip LipCorr went from 0.764 / 0.765
+  (linear) to 0.776 / 0.800 (hidden 512; 1024: 0.774 / 0.785; 512 over f-2..f+2:
+  0.763 / 0.784), and to 0.780 / 0.815 with the peak learning rate doubled to 1e-3
+  (the tiny preset's);
 - classifier-free guidance: learned null audio and null reference tokens replace the
   condition for the samples whose drop flag is set;
 - output: x̂₀ per video token (default; the velocity for sampling is

@@ -43,7 +43,7 @@ def extra_clips(n):
     if n <= 0:
         return []
     if n % 4:
-        raise ValueError(f"--extra-clips must be a multiple of 4 (4 clips per new voice), got {n}")
+        raise ValueError(f"--extra-clips must be a multiple of 4 (4 clips per new face, each its own voice), got {n}")
     from minread.data import render_training_clips
     clips = render_training_clips(n // 4, 4, progress=True, frames=False)
     return [(c["audio"], c["opening"]) for c in clips]
