@@ -14,12 +14,16 @@ reconstruction, following LTX-Video and DESIGN.md section 4:
   as the whole clip, in memory bounded by the chunk.
 - Cheap steps. The input is folded 4x4 pixels into channels (LTX-Video's patchify), so
   at 32 px the convolutions run on an 8x8 grid; the tiny preset convolves each frame on
-  its own at the pixel-grid levels (`time_kernel` 1, half the cost of a 3x3x3 kernel) and
-  mixes time only where it is cheap; normalisation is GroupNorm per frame
-  (statistics never mix frames, so causality holds); the posterior log-variance starts
-  low (-6) and the output layer at mid-grey (zero), which keeps early training stable.
+  its own at every level (`time_kernel` 1, a third of the cost of a 3x3x3 kernel) and
+  mixes time only at latent resolution; normalisation never mixes frames (GroupNorm per
+  frame, or the tiny preset's LayerNorm over each pixel's channels), so causality holds;
+  the posterior log-variance starts low (-6) and the output layer at mid-grey (zero),
+  which keeps early training stable.
 - Down/up-sampling is space-to-depth / depth-to-space: a time step folds frames
-  (2j-1, 2j) into latent j, with frame 0 repeated into the past for latent 0.
+  (2j-1, 2j) into latent j, with frame 0 repeated into the past for latent 0. With
+  `shortcut` (DC-AE's residual autoencoding) a parameter-free path runs beside each one
+  and beside the latent projections: channels averaged in groups on the way down,
+  repeated on the way up, so the convolutions learn a residual on top of plain pooling.
 - Loss: L1 plus a squared error, with extra weight on a region mask (the mouth in the
   toy world; optional, so real footage trains with plain weights), plus a small KL to a
   unit Gaussian. Latents for the DiT are standardised per channel
@@ -63,6 +67,10 @@ class VAEConfig:
     time_kernel: tuple = ()         # temporal taps of the convs per level, finest first (1 = per
                                     # frame, no temporal mixing); () = 3 at every level
     logvar_init: float = -6.0       # initial posterior log-variance
+    norm: str = "group"             # "group": GroupNorm per frame; "channel": LayerNorm over the
+                                    # channels of each pixel of each frame
+    shortcut: bool = False          # parameter-free paths around every down/up-sampling and the
+                                    # latent projections (channel averaging / duplicating)
 
     def __post_init__(self):
         self.widths, self.time_kernel = tuple(self.widths), tuple(self.time_kernel) or (3,) * self.levels
@@ -77,6 +85,12 @@ class VAEConfig:
                              f"need {self.levels} widths (one per level), got {len(self.widths)}: {self.widths}")
         if len(self.time_kernel) != self.levels:
             raise ValueError(f"VAEConfig: need {self.levels} time_kernel entries (one per level), got {self.time_kernel}")
+        if self.shortcut:
+            w, C, f = self.widths, self.latent_channels, lambda i: (4 if i < self.space_downs else 1) * (2 if i < self.time_downs else 1)
+            pairs = [(w[i] * f(i), w[i + 1]) for i in range(self.levels - 1)] + [(w[-1], C)]
+            if not all(can_match(a, b) for a, b in pairs):
+                raise ValueError(f"VAEConfig: shortcut needs each level's folded width and the next width (and the last "
+                                 f"width and latent_channels={C}) to divide one another; widths {w} give {pairs}")
         if any(w % self.groups for w in self.widths):
             raise ValueError(f"VAEConfig: every width in {self.widths} must be a multiple of groups={self.groups}")
 
@@ -94,10 +108,12 @@ class VAEConfig:
 
 
 def tiny():
-    """32 px, 8x8x4, C = 16: trains on a laptop CPU. The two pixel-grid levels convolve each
-    frame on its own (time_kernel 1, half the cost of 3x3x3); time is mixed by the temporal
-    down/up-sampling and the 3x3x3 convs at latent resolution."""
-    return VAEConfig(time_kernel=(1, 1, 3))
+    """32 px, 8x8x4, C = 16: trains on a laptop CPU. LayerNorm over channels (GroupNorm over a
+    4x4 grid wipes out each frame's colours), parameter-free shortcuts around every
+    down/up-sampling (widths chosen so the channel counts divide), convs per frame at every
+    level (time_kernel 1): time is mixed by the temporal folding and the 3x3x3 convs of the
+    latent-level mid blocks and projections."""
+    return VAEConfig(widths=(48, 96, 96), time_kernel=(1, 1, 1), norm="channel", shortcut=True)
 
 
 def small():
@@ -140,23 +156,29 @@ class CausalConv3d(nn.Module):
 
 
 class FrameNorm(nn.Module):
-    """GroupNorm whose statistics are taken per frame, so no frame sees another."""
+    """Normalisation whose statistics never mix frames: GroupNorm per frame ("group") or
+    LayerNorm over the channels of each pixel ("channel")."""
 
-    def __init__(self, channels, groups):
+    def __init__(self, channels, groups, kind="group"):
         super().__init__()
-        self.norm = nn.GroupNorm(groups, channels, eps=1e-6)
+        if kind not in ("group", "channel"):
+            raise ValueError(f"VAEConfig.norm={kind!r}: use 'group' or 'channel'")
+        self.kind = kind
+        self.norm = nn.GroupNorm(groups, channels, eps=1e-6) if kind == "group" else nn.LayerNorm(channels, eps=1e-6)
 
     def forward(self, x):
+        if self.kind == "channel":
+            return self.norm(x.movedim(1, -1)).movedim(-1, 1)
         B, C, T, H, W = x.shape
         y = self.norm(x.transpose(1, 2).reshape(B * T, C, H, W))   # (B*T, C, H, W)
         return y.reshape(B, T, C, H, W).transpose(1, 2)             # (B, C, T, H, W)
 
 
 class ResBlock(nn.Module):
-    def __init__(self, c_in, c_out, groups, time_kernel=3):
+    def __init__(self, c_in, c_out, groups, time_kernel=3, norm="group"):
         super().__init__()
-        self.norm1, self.conv1 = FrameNorm(c_in, groups), CausalConv3d(c_in, c_out, 3, time_kernel)
-        self.norm2, self.conv2 = FrameNorm(c_out, groups), CausalConv3d(c_out, c_out, 3, time_kernel)
+        self.norm1, self.conv1 = FrameNorm(c_in, groups, norm), CausalConv3d(c_in, c_out, 3, time_kernel)
+        self.norm2, self.conv2 = FrameNorm(c_out, groups, norm), CausalConv3d(c_out, c_out, 3, time_kernel)
         self.skip = nn.Conv3d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
 
     def forward(self, x, cache=None):
@@ -165,14 +187,28 @@ class ResBlock(nn.Module):
         return self.skip(x) + h
 
 
+def match_channels(x, c):
+    """Parameter-free channel change (B, cx, ...) -> (B, c, ...): the mean of each group of
+    cx/c consecutive channels, or each channel repeated c/cx times."""
+    cx = x.shape[1]
+    if cx >= c:
+        return x.unflatten(1, (c, cx // c)).mean(2)
+    return x.repeat_interleave(c // cx, dim=1)
+
+
+def can_match(cx, c):
+    return cx % c == 0 or c % cx == 0
+
+
 class Downsample(nn.Module):
     """Space-to-depth by (st, ss, ss) then a pointwise conv. In time, latent j gets frames
     (2j-1, 2j); frame 0 is repeated into the past so latent 0 sees frame 0 alone."""
 
-    def __init__(self, c_in, c_out, space, time):
+    def __init__(self, c_in, c_out, space, time, shortcut=False):
         super().__init__()
         self.ss, self.st = (2 if space else 1), (2 if time else 1)
         self.proj = nn.Conv3d(c_in * self.ss * self.ss * self.st, c_out, 1)
+        self.shortcut = shortcut
 
     def forward(self, x, cache=None):
         B, C, T, H, W = x.shape
@@ -190,22 +226,24 @@ class Downsample(nn.Module):
         x = x.reshape(B, C, T2, st, H // ss, ss, W // ss, ss)
         x = x.permute(0, 1, 3, 5, 7, 2, 4, 6)                       # (B, C, st, ss, ss, T2, h, w)
         x = x.reshape(B, C * st * ss * ss, T2, H // ss, W // ss)
-        return self.proj(x)
+        return self.proj(x) + match_channels(x, self.proj.out_channels) if self.shortcut else self.proj(x)
 
 
 class Upsample(nn.Module):
     """Pointwise conv then depth-to-space: latent j -> frames (2j-1, 2j); frame -1 is dropped."""
 
-    def __init__(self, c_in, c_out, space, time):
+    def __init__(self, c_in, c_out, space, time, shortcut=False):
         super().__init__()
         self.ss, self.st = (2 if space else 1), (2 if time else 1)
         self.c_out = c_out
         self.proj = nn.Conv3d(c_in, c_out * self.ss * self.ss * self.st, 1)
+        self.shortcut = shortcut
 
     def forward(self, x, cache=None):
         B, _, T, H, W = x.shape
         st, ss, C = self.st, self.ss, self.c_out
-        x = self.proj(x).reshape(B, C, st, ss, ss, T, H, W)
+        x = self.proj(x) + match_channels(x, self.proj.out_channels) if self.shortcut else self.proj(x)
+        x = x.reshape(B, C, st, ss, ss, T, H, W)
         x = x.permute(0, 1, 5, 2, 6, 3, 7, 4)                       # (B, C, T, st, H, ss, W, ss)
         x = x.reshape(B, C, T * st, H * ss, W * ss)
         if st == 2:
@@ -240,16 +278,17 @@ class Encoder(nn.Module):
         self.conv_in = CausalConv3d(3 * cfg.patch ** 2, w[0], 3, kt[0])
         self.blocks, self.downs = nn.ModuleList(), nn.ModuleList()
         for i in range(cfg.levels):
-            self.blocks.append(nn.ModuleList(ResBlock(w[i], w[i], g, kt[i]) for _ in range(cfg.blocks)))
+            self.blocks.append(nn.ModuleList(ResBlock(w[i], w[i], g, kt[i], cfg.norm) for _ in range(cfg.blocks)))
             if i < cfg.levels - 1:
-                self.downs.append(Downsample(w[i], w[i + 1], i < cfg.space_downs, i < cfg.time_downs))
-        self.mid = ResBlock(w[-1], w[-1], g)
-        self.norm_out = FrameNorm(w[-1], g)
+                self.downs.append(Downsample(w[i], w[i + 1], i < cfg.space_downs, i < cfg.time_downs, cfg.shortcut))
+        self.mid = ResBlock(w[-1], w[-1], g, 3, cfg.norm)
+        self.norm_out = FrameNorm(w[-1], g, cfg.norm)
         self.conv_out = CausalConv3d(w[-1], 2 * cfg.latent_channels)
         C = cfg.latent_channels                                    # start the posterior nearly deterministic
         nn.init.zeros_(self.conv_out.conv.bias[:C])
         nn.init.constant_(self.conv_out.conv.bias[C:], cfg.logvar_init)
         self.conv_out.conv.weight.data[C:] *= 0.01
+        self.shortcut = cfg.shortcut
 
     def forward(self, x, cache=None):
         """x (B, 3*p*p, T, H/p, W/p) -> (B, 2C, F, h, w)."""
@@ -260,7 +299,11 @@ class Encoder(nn.Module):
             if i < len(self.downs):
                 x = self.downs[i](x, cache)
         x = self.mid(x, cache)
-        return self.conv_out(F.silu(self.norm_out(x)), cache)
+        h = self.conv_out(F.silu(self.norm_out(x)), cache)
+        if self.shortcut:                                          # the mean path (not the log-variance)
+            C = h.shape[1] // 2
+            h = torch.cat([h[:, :C] + match_channels(x, C), h[:, C:]], dim=1)
+        return h
 
 
 class Decoder(nn.Module):
@@ -268,20 +311,24 @@ class Decoder(nn.Module):
         super().__init__()
         w, g, kt = cfg.widths, cfg.groups, cfg.time_kernel
         self.conv_in = CausalConv3d(cfg.latent_channels, w[-1])
-        self.mid = ResBlock(w[-1], w[-1], g)
+        self.mid = ResBlock(w[-1], w[-1], g, 3, cfg.norm)
         self.blocks, self.ups = nn.ModuleList(), nn.ModuleList()
         for i in reversed(range(cfg.levels)):                      # coarsest level first
             if i < cfg.levels - 1:
-                self.ups.append(Upsample(w[i + 1], w[i], i < cfg.space_downs, i < cfg.time_downs))
-            self.blocks.append(nn.ModuleList(ResBlock(w[i], w[i], g, kt[i]) for _ in range(cfg.blocks)))
-        self.norm_out = FrameNorm(w[0], g)
+                self.ups.append(Upsample(w[i + 1], w[i], i < cfg.space_downs, i < cfg.time_downs, cfg.shortcut))
+            self.blocks.append(nn.ModuleList(ResBlock(w[i], w[i], g, kt[i], cfg.norm) for _ in range(cfg.blocks)))
+        self.norm_out = FrameNorm(w[0], g, cfg.norm)
         self.conv_out = CausalConv3d(w[0], 3 * cfg.patch ** 2, 3, kt[0])
+        self.shortcut = cfg.shortcut
         nn.init.zeros_(self.conv_out.conv.weight)                   # start at mid-grey (0 in [-1, 1])
         nn.init.zeros_(self.conv_out.conv.bias)
 
     def forward(self, z, cache=None):
         """z (B, C, F, h, w) -> (B, 3*p*p, T, H/p, W/p)."""
-        x = self.mid(self.conv_in(z, cache), cache)
+        x = self.conv_in(z, cache)
+        if self.shortcut:
+            x = x + match_channels(z, x.shape[1])
+        x = self.mid(x, cache)
         for i, blocks in enumerate(self.blocks):
             if i > 0:
                 x = self.ups[i - 1](x, cache)
@@ -399,13 +446,18 @@ def count_parameters(cfg):
 @dataclass
 class VAETrainConfig:
     """The tiny recipe. Measured inside `python -m minread train --stage all --preset tiny`
-    (2 threads) on data_toy's held-out identities (24 clips of 49 frames): 3000 steps in
-    14.3 min plus 0.7 min rendering the faces reach PSNR 23.2 dB and LipCorr 0.92 (true
-    frames 0.98). The mouth weight decides the lips: at 8 the same run reached 24.2 dB but
-    LipCorr 0.70 (one thread, 19.9 min). PSNR is short of 30 dB: the faces' edges, eyes and
-    hair stay blurred (the model underfits: training clips score only ~1 dB higher); more
-    steps and a sharper finest level are the open levers."""
-    steps: int = 3000               # optimiser steps (the LR schedule spans them)
+    (2 threads) on data_toy's held-out identities (24 clips of 49 frames): 3200 steps in
+    16.6 min plus 0.9 min rendering the faces reach PSNR 27.6 dB and LipCorr 0.94 (true
+    frames 0.98); the previous preset and recipe (GroupNorm, no shortcuts, squared error
+    weighted 1, mouth weight 24) reached 23.2 dB / 0.92 in 3000 steps (14.3 min).
+    Equal-step runs (1000 steps, one thread each; held-out PSNR / LipCorr): that preset
+    20.85 / 0.21; LayerNorm over channels 21.25 / 0.23; squared error weighted 10, 30, 100:
+    22.35, 22.70, 22.81 / 0.69; mouth weight 8 instead of 24: 23.64 / 0.67 (0 gives up the
+    lips: 0.55 at step 500 against 0.92); per-frame convs at latent level too: 23.86 / 0.68;
+    shortcuts with widths (48, 96, 96): 25.13 / 0.95. Wider plain convs (96, 96, 128)
+    gained 0.4 dB at step 500 for twice the step time; peak lr 8e-3 lost 0.4 dB. Still
+    short of 30 dB: edges of the face, hair and eyes carry most of the error."""
+    steps: int = 3200               # optimiser steps (the LR schedule spans them)
     batch_size: int = 16            # clips per step
     frames: int = 9                 # T per training window (1 + s_t*k)
     lr: float = 4e-3                # peak AdamW learning rate
@@ -414,8 +466,8 @@ class VAETrainConfig:
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     kl_weight: float = 1e-4         # on the mean KL per latent element
-    mse_weight: float = 1.0         # an added squared-error term (PSNR is a squared error)
-    mouth_weight: float = 24.0      # extra L1 weight inside the mouth mask (0 = plain L1); 8 -> 24: LipCorr 0.68 -> 0.90 at step 2000
+    mse_weight: float = 100.0       # an added squared-error term (PSNR is a squared error)
+    mouth_weight: float = 8.0       # extra weight inside the mouth mask (0 = plain weights)
     eval_every: int = 500
     ckpt_every: int = 500
     eval_frames: int = 49           # T per held-out clip (1 + s_t*k, trimmed from each clip)
@@ -454,7 +506,7 @@ def lr_at(step, t):
     return t.lr * (t.min_lr + (1 - t.min_lr) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def vae_loss(model, video, mask=None, mouth_weight=24.0, kl_weight=1e-4, mse_weight=1.0):
+def vae_loss(model, video, mask=None, mouth_weight=8.0, kl_weight=1e-4, mse_weight=100.0):
     """L1 (+ mse_weight * squared error) reconstruction, weighted 1 + mouth_weight inside
     `mask` (B, 1, 1|T, H, W) if given, plus kl_weight * KL(q(z|x) || N(0, I)) per latent
     element. Returns (loss, parts)."""

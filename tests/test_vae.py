@@ -167,6 +167,38 @@ def test_framenorm_is_per_frame():
     assert torch.allclose(norm(x2)[:, :, :3], y[:, :, :3])
 
 
+def test_channel_norm_is_per_pixel_of_each_frame():
+    norm = V.FrameNorm(16, 4, "channel")
+    x = torch.randn(2, 16, 5, 4, 4)
+    x2 = x.clone()
+    x2[:, :, 3, 1, 2] *= 10                         # one pixel of one frame
+    changed = (norm(x2) - norm(x)).abs().amax(dim=1) > 1e-6     # (B, T, H, W)
+    assert changed[:, 3, 1, 2].all() and changed.sum() == 2
+    y = norm(x)                                     # each pixel's channels are standardised
+    assert torch.allclose(y.mean(1), torch.zeros(()), atol=1e-5)
+
+
+def test_match_channels_averages_or_repeats():
+    x = torch.arange(8.0).view(1, 8, 1, 1, 1)
+    assert V.match_channels(x, 2).flatten().tolist() == [1.5, 5.5]          # means of 0..3 and 4..7
+    assert V.match_channels(x[:, :2], 6).flatten().tolist() == [0, 0, 0, 1, 1, 1]
+    assert torch.equal(V.match_channels(x, 8), x)
+
+
+def test_shortcut_needs_widths_that_divide():
+    with pytest.raises(ValueError, match="shortcut"):
+        V.VAEConfig(shortcut=True, widths=(48, 64, 96))   # 64 * 2 = 128 folded channels vs 96
+    cfg = V.VAEConfig(shortcut=True, widths=(48, 96, 96), norm="channel")
+    model = _random_decoder_out(V.VAE(cfg).eval())
+    x = _video(1, 13, 32)
+    with torch.no_grad():                            # causal and streaming-exact with the shortcuts
+        mean, _ = model.encode(x)
+        assert torch.allclose(model.encode(x[:, :, :5])[0], mean[:, :, :2], atol=1e-6)
+        whole = model.decode(mean)
+        chunks = torch.cat(list(V.decode_stream(model, mean.split([1, 3], dim=2))), 2)
+    assert (chunks - whole).abs().max() <= 1e-5
+
+
 # ----------------------------------------------------------------------------- training
 
 def _micro():
