@@ -201,8 +201,9 @@ def can_match(cx, c):
 
 
 class Downsample(nn.Module):
-    """Space-to-depth by (st, ss, ss) then a pointwise conv. In time, latent j gets frames
-    (2j-1, 2j); frame 0 is repeated into the past so latent 0 sees frame 0 alone."""
+    """Space-to-depth by (st, ss, ss) then a pointwise conv (plus, with `shortcut`, the folded
+    input averaged down to c_out channels). In time, latent j gets frames (2j-1, 2j); frame 0
+    is repeated into the past so latent 0 sees frame 0 alone."""
 
     def __init__(self, c_in, c_out, space, time, shortcut=False):
         super().__init__()
@@ -226,11 +227,13 @@ class Downsample(nn.Module):
         x = x.reshape(B, C, T2, st, H // ss, ss, W // ss, ss)
         x = x.permute(0, 1, 3, 5, 7, 2, 4, 6)                       # (B, C, st, ss, ss, T2, h, w)
         x = x.reshape(B, C * st * ss * ss, T2, H // ss, W // ss)
-        return self.proj(x) + match_channels(x, self.proj.out_channels) if self.shortcut else self.proj(x)
+        y = self.proj(x)
+        return y + match_channels(x, y.shape[1]) if self.shortcut else y
 
 
 class Upsample(nn.Module):
-    """Pointwise conv then depth-to-space: latent j -> frames (2j-1, 2j); frame -1 is dropped."""
+    """Pointwise conv (plus, with `shortcut`, the input's channels repeated up to its width)
+    then depth-to-space: latent j -> frames (2j-1, 2j); frame -1 is dropped."""
 
     def __init__(self, c_in, c_out, space, time, shortcut=False):
         super().__init__()
@@ -242,8 +245,10 @@ class Upsample(nn.Module):
     def forward(self, x, cache=None):
         B, _, T, H, W = x.shape
         st, ss, C = self.st, self.ss, self.c_out
-        x = self.proj(x) + match_channels(x, self.proj.out_channels) if self.shortcut else self.proj(x)
-        x = x.reshape(B, C, st, ss, ss, T, H, W)
+        y = self.proj(x)
+        if self.shortcut:
+            y = y + match_channels(x, y.shape[1])
+        x = y.reshape(B, C, st, ss, ss, T, H, W)
         x = x.permute(0, 1, 5, 2, 6, 3, 7, 4)                       # (B, C, T, st, H, ss, W, ss)
         x = x.reshape(B, C, T * st, H * ss, W * ss)
         if st == 2:
