@@ -85,9 +85,12 @@ class VAEConfig:
                              f"need {self.levels} widths (one per level), got {len(self.widths)}: {self.widths}")
         if len(self.time_kernel) != self.levels:
             raise ValueError(f"VAEConfig: need {self.levels} time_kernel entries (one per level), got {self.time_kernel}")
-        if self.shortcut:
-            w, C, f = self.widths, self.latent_channels, lambda i: (4 if i < self.space_downs else 1) * (2 if i < self.time_downs else 1)
-            pairs = [(w[i] * f(i), w[i + 1]) for i in range(self.levels - 1)] + [(w[-1], C)]
+        if self.norm not in ("group", "channel"):
+            raise ValueError(f"VAEConfig.norm={self.norm!r}: use 'group' or 'channel'")
+        if self.shortcut:                                           # folded width of level i -> width of i + 1
+            w, C = self.widths, self.latent_channels
+            fold = [(4 if i < self.space_downs else 1) * (2 if i < self.time_downs else 1) for i in range(self.levels - 1)]
+            pairs = [(w[i] * fold[i], w[i + 1]) for i in range(self.levels - 1)] + [(w[-1], C)]
             if not all(can_match(a, b) for a, b in pairs):
                 raise ValueError(f"VAEConfig: shortcut needs each level's folded width and the next width (and the last "
                                  f"width and latent_channels={C}) to divide one another; widths {w} give {pairs}")
@@ -161,8 +164,6 @@ class FrameNorm(nn.Module):
 
     def __init__(self, channels, groups, kind="group"):
         super().__init__()
-        if kind not in ("group", "channel"):
-            raise ValueError(f"VAEConfig.norm={kind!r}: use 'group' or 'channel'")
         self.kind = kind
         self.norm = nn.GroupNorm(groups, channels, eps=1e-6) if kind == "group" else nn.LayerNorm(channels, eps=1e-6)
 

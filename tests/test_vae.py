@@ -156,6 +156,8 @@ def test_wrong_channels_and_sizes_are_clear_errors():
         V.VAEConfig(spatial=6)
     with pytest.raises(ValueError, match="widths"):
         V.VAEConfig(widths=(32, 64))
+    with pytest.raises(ValueError, match="norm"):
+        V.VAEConfig(norm="batch")
 
 
 def test_framenorm_is_per_frame():
