@@ -352,7 +352,7 @@ def _needs_grad(*tensors):
 def choose_impl(q, k, mask=None, needs_grad=False):
     """What impl="auto" runs for these inputs (see the module docstring)."""
     if mask is None or mask_key(mask) == ("full",):
-        return "sdpa"  # flash / memory-efficient kernels, no mask to apply
+        return "sdpa"  # the fused kernel torch picks (flash, cuDNN, ...): no mask to apply
     if q.device.type == "cuda":
         return "flex"
     if needs_grad or q.shape[-2] * k.shape[-2] < CPU_FLEX_MIN_SCORES:

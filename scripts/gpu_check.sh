@@ -33,9 +33,11 @@ VAE_IDENTITIES=${VAE_IDENTITIES:-0}  # faces the VAE renders to train on (preset
 TRAIN_TIMEOUT=${TRAIN_TIMEOUT:-330}  # seconds for the whole training step
 IDS=${IDS:-2}                      # held-out identities in the generation benchmarks
 LONG_SECONDS=${LONG_SECONDS:-20}   # length of the long-video check (10 s windows)
-# flex kernel settings to compare at 8k tokens after the attention benchmark (JSON, space-separated);
-# empty = skip. E.g. KERNEL_SWEEP='{"BLOCK_M":64,"BLOCK_N":64} {"BLOCK_M":128,"BLOCK_N":64,"num_warps":8}'
+# flex kernel settings to time beside torch's defaults at 8k tokens after the attention benchmark
+# (JSON objects without spaces, space-separated); empty = skip. E.g.
+# KERNEL_SWEEP='{"ROWS_GUARANTEED_SAFE":true} {"bwd_BLOCK_M1":64,"bwd_BLOCK_N1":64,"bwd_BLOCK_M2":64,"bwd_BLOCK_N2":64}'
 KERNEL_SWEEP=${KERNEL_SWEEP:-}
+AUTOTUNE=${AUTOTUNE:-0}            # 1: also time flex with compiler-chosen tiles (max_autotune) at 8k
 export OMP_WAIT_POLICY=PASSIVE MPLBACKEND=Agg PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 mkdir -p "$OUT_DIR"
 exec > >(tee "$OUT_DIR/gpu_check.log") 2>&1
@@ -80,10 +82,15 @@ python -c "import parselmouth" 2>/dev/null || echo "(praat-parselmouth absent: o
 if [[ $DEVICE == cuda ]]; then
   step "pytest -m gpu (attention, DiT CUDA graphs)" 180 python -m pytest -q -m gpu tests/test_attention.py tests/test_dit.py
   step "bench attention --device cuda" 200 python -m minread.bench attention --device cuda --budget-s 120
-  for opts in $KERNEL_SWEEP; do
-    step "bench attention --kernel-options $opts" 150 python -m minread.bench attention --device cuda \
-      --lengths 8192 --masks full clip_causal --kernel-options "$opts" --budget-s 90
-  done
+  if [[ -n $KERNEL_SWEEP ]]; then
+    # shellcheck disable=SC2086  # one argument per JSON object
+    step "bench attention, kernel settings side by side" 200 python -m minread.bench attention --device cuda \
+      --lengths 8192 --masks full clip_causal --math-max-length 1 --kernel-options '{}' $KERNEL_SWEEP --budget-s 150
+  fi
+  if (( AUTOTUNE )); then
+    step "bench attention --autotune" 200 python -m minread.bench attention --device cuda --lengths 8192 \
+      --masks clip_causal full --modes fwd+bwd --math-max-length 1 --autotune --budget-s 150
+  fi
 else
   skip "attention GPU tests and benchmark" "DEVICE=$DEVICE"
 fi

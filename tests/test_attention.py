@@ -1,3 +1,5 @@
+import json
+
 import pytest
 import torch
 
@@ -244,3 +246,26 @@ def test_masks_cached_under_inference_mode_serve_training():
         q_grad = q.clone().requires_grad_(True)
         attention(q_grad, kv, kv, mask, impl=impl).sum().backward()
         assert q_grad.grad is not None and torch.isfinite(q_grad.grad).all()
+
+
+def test_bench_times_each_kernel_setting_side_by_side(capsys):
+    from minread.bench import attention as bench
+    bench.main(["--device", "cpu", "--quick", "--lengths", "256", "--masks", "clip_causal",
+                "--kernel-options", "{}", '{"BLOCK_M": 64, "BLOCK_N": 64}'])
+    figures = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    row = figures["rows"][0]
+    assert row["flex"]["ms"] > 0 and row["flex@1"]["ms"] > 0
+    assert row["flex@1/sdpa"] == pytest.approx(row["flex@1"]["ms"] / row["sdpa"]["ms"])
+    assert figures["kernel_options"] == [{}, {"BLOCK_M": 64, "BLOCK_N": 64}]
+    assert A.KERNEL_OPTIONS == {}                    # the settings of the run do not outlive it
+
+
+@cuda
+@pytest.mark.gpu
+def test_cuda_bench_times_unmasked_sdpa_kernels(capsys):
+    from minread.bench import attention as bench
+    bench.main(["--device", "cuda", "--lengths", "1024", "--masks", "full", "--modes", "fwd",
+                "--math-max-length", "1"])
+    row = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["rows"][0]
+    assert row["sdpa_flash"]["ms"] > 0 and row["sdpa_nomask"]["ms"] > 0
+    assert row["sdpa_nomask_backend"] in ("FLASH_ATTENTION", "EFFICIENT_ATTENTION", "CUDNN_ATTENTION", "MATH")

@@ -277,6 +277,17 @@ def test_load_refuses_another_config(toy_root, tmp_path):
         V.load_vae(tmp_path / "missing.pt")
 
 
+def test_default_training_window_is_frame_zero_and_one_latent_group(toy_root, tmp_path):
+    cfg = _micro()
+    V.train_vae(cfg, tmp_path, steps=1, batch_size=1, eval_every=10, data_root=str(toy_root), identities=0,
+                progress=False)
+    stored = torch.load(tmp_path / "ckpt.pt", weights_only=True)["train_config"]
+    assert stored["frames"] == 1 + cfg.temporal                           # 5 for s_t = 4, 9 for s_t = 8
+    with pytest.raises(ValueError, match="frames=4 must be 1 \\+ 4k"):
+        V.train_vae(cfg, tmp_path / "odd", steps=1, frames=4, data_root=str(toy_root), identities=0,
+                    progress=False)
+
+
 def test_rendered_training_faces_are_not_the_held_out_ones(toy_root):
     import json
     bank = V.ClipBank.render(3, 32, seed=3)

@@ -3,7 +3,9 @@
 For each sequence length and mask, times forward and forward+backward of compiled
 FlexAttention ("flex"), SDPA with the dense boolean mask ("sdpa") and the written-out
 softmax ("math"), side by side in one run, with flex/SDPA ratios and memory; for the
-full mask also unmasked SDPA ("sdpa_nomask": the flash / memory-efficient kernel).
+full mask also unmasked SDPA ("sdpa_nomask": whichever fused kernel torch picks, named in
+the output; on CUDA also "sdpa_flash" and "sdpa_cudnn", the same call held to the flash and
+to cuDNN's kernel).
 A first section times the tiny DiT's own calls (112-token self-attention, 112 -> 7
 speech cross-attention) to show what impl="auto" should pick for small inputs.
 
@@ -23,8 +25,15 @@ each path materialises: the dense (Lq, Lkv) bool mask for sdpa, mask + float sco
 math, the BlockMask tensors for flex (its fused kernel keeps scores in registers).
 Compiled FlexAttention has no backward on CPU (torch 2.13), so CPU fwd+bwd rows show
 sdpa and math only. CPU runs float32; CUDA runs bfloat16, and its forward rows time the
-forward of a training step (inputs require grad), so each case compiles flex once. Each new (length, mask) compiles once; compile time is reported
-and excluded from the timings.
+forward of a training step (inputs require grad), so each case compiles flex once. Each new
+(length, mask) compiles once; compile time is reported and excluded from the timings.
+
+Kernel settings (CUDA): `--kernel-options` takes one or more JSON objects of FlexAttention
+kernel options; with several, flex is timed once per setting in the same run ("flex" is
+the first, "flex@1", "flex@2", ... the others) against the same SDPA baselines.
+`--autotune` lets the compiler time its candidate tile sizes for each new shape instead
+of taking its default (inductor's max_autotune: slower first compile, then the fastest
+kernel it found).
 """
 
 import argparse
@@ -33,6 +42,7 @@ import statistics
 import time
 
 import torch
+import torch._inductor.config  # noqa: F401  (max_autotune, set by --autotune)
 
 from minread import attention as A
 from minread.bench import machine, report
@@ -93,24 +103,47 @@ def cpu_bytes(impl, mask, B, nh, lq, lkv):
     return 0
 
 
+def sdpa_backend(q):
+    """Name of the kernel unmasked SDPA picks for q (B, nh, L, hd) as key and value too."""
+    from torch.nn.attention import SDPBackend
+    choice = torch._fused_sdp_choice(q, q, q)
+    names = [b.name for b in (SDPBackend.MATH, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
+                              SDPBackend.CUDNN_ATTENTION) if int(b) == choice]
+    return names[0] if names else str(choice)
+
+
+def call(q, k, v, mask, impl):
+    if impl in ("sdpa_flash", "sdpa_cudnn"):  # unmasked SDPA held to one kernel
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+        backend = SDPBackend.FLASH_ATTENTION if impl == "sdpa_flash" else SDPBackend.CUDNN_ATTENTION
+        with sdpa_kernel(backend):
+            return A.attention(q, k, v, None, "sdpa")
+    return A.attention(q, k, v, mask, impl)
+
+
 def run_case(impl, mask, q, k, v, backward):
     def fn():
         if backward:
             for t in (q, k, v):
                 t.grad = None
-            A.attention(q, k, v, mask, impl).backward(grad_out)
+            call(q, k, v, mask, impl).backward(grad_out)
         elif q.requires_grad:  # CUDA: the forward of a training step (one compile per case)
-            A.attention(q, k, v, mask, impl)
+            call(q, k, v, mask, impl)
         else:
             with torch.no_grad():
-                A.attention(q, k, v, mask, impl)
+                call(q, k, v, mask, impl)
     grad_out = torch.randn_like(q)
     return fn
 
 
 def measure(impl, mask, lq, lkv, args, backward):
-    """One timing: (ms, memory bytes, compile seconds or None)."""
+    """One timing: (ms, memory bytes, compile seconds or None). impl "flex@i" is flex with
+    the i-th --kernel-options setting."""
     device, dtype = args.device, args.dtype
+    if impl.startswith("flex"):
+        A.KERNEL_OPTIONS.clear()
+        A.KERNEL_OPTIONS.update(args.kernel_options[int(impl[5:] or 0)])
+        impl = "flex"
     q = torch.randn(args.batch, args.heads, lq, args.head_dim, device=device, dtype=dtype)
     k = torch.randn(args.batch, args.heads, lkv, args.head_dim, device=device, dtype=dtype)
     v = torch.randn_like(k)
@@ -174,14 +207,17 @@ def main(argv=None):
                    help="skip the math path above this length (default cpu 2048, cuda 8192)")
     p.add_argument("--cpu-backward-max-length", type=int, default=2048,
                    help="on CPU, time fwd+bwd (sdpa, math) only up to this length")
-    p.add_argument("--kernel-options", type=json.loads, default={},
+    p.add_argument("--kernel-options", type=json.loads, nargs="+", default=[{}],
                    help='settings of the compiled flex kernel as JSON (default: torch\'s), '
-                        'e.g. {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2}')
+                        'e.g. {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2}; '
+                        'several are timed side by side (flex, flex@1, ...)')
+    p.add_argument("--autotune", action="store_true",
+                   help="CUDA: let the compiler time candidate flex tile sizes per shape (max_autotune)")
+    p.add_argument("--modes", nargs="+", default=None, choices=["fwd", "fwd+bwd"],
+                   help="what to time (default both; CPU --quick: fwd)")
     p.add_argument("--budget-s", type=float, default=None,
                    help="stop starting new cases after this many seconds (default cpu 170, cuda 180)")
     args = p.parse_args(argv)
-    A.KERNEL_OPTIONS.clear()
-    A.KERNEL_OPTIONS.update(args.kernel_options)
     cuda = args.device == "cuda"
     if cuda and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device here; use --device cpu")
@@ -191,19 +227,32 @@ def main(argv=None):
                                [16384, 8192, 4096, 1024] if cuda else [1024, 2048, 4096])
     math_max = args.math_max_length or (8192 if cuda else 2048)
     budget = args.budget_s or (180 if cuda else 170)
-    modes = ["fwd"] if args.quick and not cuda else ["fwd", "fwd+bwd"]
+    modes = args.modes or (["fwd"] if args.quick and not cuda else ["fwd", "fwd+bwd"])
+    flexes = ["flex"] + [f"flex@{i}" for i in range(1, len(args.kernel_options))]
     masks = make_masks()
     unknown = set(args.masks) - set(masks)
     if unknown:
         raise SystemExit(f"unknown masks {sorted(unknown)}; choose from {list(masks)}")
 
+    saved = dict(A.KERNEL_OPTIONS), torch._inductor.config.max_autotune   # set for this run only
+    torch._inductor.config.max_autotune = args.autotune or saved[1]
+    try:
+        figures = run(args, lengths, masks, modes, flexes, math_max, budget, cuda)
+    finally:
+        A.KERNEL_OPTIONS.clear()
+        A.KERNEL_OPTIONS.update(saved[0])
+        torch._inductor.config.max_autotune = saved[1]
+    report(figures)
+
+
+def run(args, lengths, masks, modes, flexes, math_max, budget, cuda):
     start = time.perf_counter()
     info = machine()
     print(f"attention benchmark on {args.device} ({info.get('gpu', info['cpu'])}, {info['threads']} threads), "
           f"B={args.batch} nh={args.heads} hd={args.head_dim} {str(args.dtype).replace('torch.', '')}", flush=True)
     figures = {"machine": info, "device": args.device, "batch": args.batch, "heads": args.heads,
                "head_dim": args.head_dim, "dtype": str(args.dtype), "kernel_options": args.kernel_options,
-               "rows": []}
+               "autotune": args.autotune, "rows": []}
     if not cuda:
         print("tiny DiT calls (forward, per call):", flush=True)
         figures["tiny_dit"] = tiny_dit_calls(args)
@@ -218,14 +267,22 @@ def main(argv=None):
                 print(f"  L={L} {mname}: block mask failed: {type(e).__name__}: {str(e)[:120]}")
                 density = None
             for mode in modes:
-                impls = ["flex", "sdpa", "math"] + (["sdpa_nomask"] if mname == "full" else [])
+                impls = flexes + ["sdpa", "math"] + (["sdpa_nomask"] if mname == "full" else [])
+                if mname == "full" and cuda:
+                    impls += ["sdpa_flash", "sdpa_cudnn"]
                 if mode == "fwd+bwd" and not cuda:
-                    impls.remove("flex")
+                    impls = [i for i in impls if not i.startswith("flex")]
                     if L > args.cpu_backward_max_length:
                         continue
                 if L > math_max:
                     impls.remove("math")
                 row = {"length": L, "mask": mname, "mode": mode, "tile_density": density}
+                if mname == "full":
+                    try:
+                        row["sdpa_nomask_backend"] = sdpa_backend(torch.randn(args.batch, args.heads, L, args.head_dim,
+                                                                              device=args.device, dtype=args.dtype))
+                    except Exception as e:
+                        row["sdpa_nomask_backend"] = f"unknown ({type(e).__name__})"
                 for impl in impls:
                     if time.perf_counter() - start > budget:
                         skipped.append(f"{L} {mname} {mode} {impl}")
@@ -240,27 +297,35 @@ def main(argv=None):
                     if cuda:
                         torch.cuda.empty_cache()
                 ms = {i: row[i].get("ms") for i in impls if i in row}
-                if ms.get("flex") and ms.get("sdpa"):
-                    row["flex/sdpa"] = ms["flex"] / ms["sdpa"]
-                if ms.get("flex") and ms.get("sdpa_nomask"):
-                    row["flex/sdpa_nomask"] = ms["flex"] / ms["sdpa_nomask"]
+                for f in flexes:
+                    for base in ("sdpa", "sdpa_nomask", "sdpa_flash", "sdpa_cudnn"):
+                        if ms.get(f) and ms.get(base):
+                            row[f"{f}/{base}"] = ms[f] / ms[base]
                 figures["rows"].append(row)
                 print(f"  L={L:6d} {mname:12s} {mode:8s} " + "  ".join(
                     f"{i} {fmt(row[i].get('ms'), 'ms') if 'ms' in row[i] else 'ERR'}"
-                    for i in impls if i in row) + f"   flex/sdpa {fmt(row.get('flex/sdpa'))}", flush=True)
+                    for i in impls if i in row) + "  " + "  ".join(
+                    f"{r} {fmt(row[r])}" for r in row if "/" in r)
+                    + (f"  (sdpa_nomask = {row['sdpa_nomask_backend']})" if "sdpa_nomask_backend" in row else ""),
+                    flush=True)
 
-    print("\n| L | mask | tiles computed | mode | flex ms | sdpa ms | math ms | sdpa no-mask ms "
+    print("\n| L | mask | tiles computed | mode | flex | flex ms | sdpa ms | math ms | sdpa no-mask ms "
           "| flex/sdpa | flex MB | sdpa MB | math MB |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in sorted(figures["rows"], key=lambda r: (r["length"], args.masks.index(r["mask"]), r["mode"])):
         get = lambda i, f: r.get(i, {}).get(f)  # noqa: E731
-        print(f"| {r['length']} | {r['mask']} | {fmt(r['tile_density'] and 100 * r['tile_density'], '%')} "
-              f"| {r['mode']} | {fmt(get('flex', 'ms'))} | {fmt(get('sdpa', 'ms'))} | {fmt(get('math', 'ms'))} "
-              f"| {fmt(get('sdpa_nomask', 'ms'))} | {fmt(r.get('flex/sdpa'))} | {fmt(get('flex', 'mem_mb'))} "
-              f"| {fmt(get('sdpa', 'mem_mb'))} | {fmt(get('math', 'mem_mb'))} |")
+        for f in flexes:
+            if f not in r and f != "flex":
+                continue
+            print(f"| {r['length']} | {r['mask']} | {fmt(r['tile_density'] and 100 * r['tile_density'], '%')} "
+                  f"| {r['mode']} | {f} | {fmt(get(f, 'ms'))} | {fmt(get('sdpa', 'ms'))} | {fmt(get('math', 'ms'))} "
+                  f"| {fmt(get('sdpa_nomask', 'ms'))} | {fmt(r.get(f + '/sdpa'))} | {fmt(get(f, 'mem_mb'))} "
+                  f"| {fmt(get('sdpa', 'mem_mb'))} | {fmt(get('math', 'mem_mb'))} |")
+    if len(flexes) > 1:
+        print("kernel options: " + "; ".join(f"{f} {json.dumps(o)}" for f, o in zip(flexes, args.kernel_options)))
     mem_note = ("peak CUDA memory above inputs" if cuda else
                 "CPU: bytes each path materialises (mask, scores, block mask), not measured peaks")
     print(f"\nmemory: {mem_note}; total {time.perf_counter() - start:.0f} s"
           + (f"; budget reached, skipped {len(skipped)} cases" if skipped else ""))
     figures.update(memory_note=mem_note, skipped=skipped, total_s=time.perf_counter() - start)
-    report(figures)
+    return figures
