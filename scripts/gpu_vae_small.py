@@ -35,16 +35,17 @@ def step_seconds(cfg, t, train, args, warmup=10, timed=30):
     model = V.VAE(cfg).to(args.device)
     opt = torch.optim.AdamW(model.parameters(), lr=t.lr)
     gen = torch.Generator().manual_seed(0)
+    sync = torch.cuda.synchronize if args.device == "cuda" else (lambda: None)
     for i in range(warmup + timed):
         if i == warmup:
-            torch.cuda.synchronize() if args.device == "cuda" else None
+            sync()
             t0 = time.time()
         video = train.batch(gen, args.batch, t.frames or 1 + cfg.temporal, args.device)
         loss, _ = V.vae_loss(model, video, V.mouth_region(video), t.mouth_weight, t.kl_weight, t.mse_weight)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-    torch.cuda.synchronize() if args.device == "cuda" else None
+    sync()
     return (time.time() - t0) / timed
 
 
@@ -71,7 +72,7 @@ def main():
           flush=True)
     if args.minutes:
         per_step = step_seconds(cfg, t, train, args)
-        args.steps = min(args.steps or 10**9, int(args.minutes * 60 / per_step * 0.93))   # 7% for the evaluations
+        args.steps = max(1, min(args.steps or 10**9, int(args.minutes * 60 / per_step * 0.93)))  # 7%: evaluations
         print(f"probe: {per_step * 1e3:.0f} ms per step -> {args.steps} steps in {args.minutes} min", flush=True)
     args.steps = args.steps or 1400
     t1 = time.time()
