@@ -31,7 +31,8 @@ cached once, the window sampler, the evaluation) is our reconstruction.
   learning rate doubled to 1e-3 (dit.py has the equal-step runs); with both, 2560 clips and
   3000 steps: held-out LipCorr 0.811 on the 16 clips, 0.821 on all 24 (was 0.783 / 0.792).
   The same recipe on the latents of the rebuilt VAE (vae.py: PSNR 23.2 -> 27.6 dB): 0.814 /
-  0.830, amplitude 0.73 -> 0.86, identity error 0.058 -> 0.037 (the shipped model).
+  0.830, amplitude 0.73 -> 0.86, identity error 0.058 -> 0.037; on those of its next recipe
+  (28.0 dB): 0.822 / 0.841, amplitude 0.89, identity error 0.042 (the shipped model).
 - `bundle` packs the three trained models (EMA weights for the DiT) into the one
   checkpoint that generation loads.
 """

@@ -14,11 +14,11 @@ reconstruction, following LTX-Video and DESIGN.md section 4:
   as the whole clip, in memory bounded by the chunk.
 - Cheap steps. The input is folded 4x4 pixels into channels (LTX-Video's patchify), so
   at 32 px the convolutions run on an 8x8 grid; the tiny preset convolves each frame on
-  its own at every level (`time_kernel` 1, a third of the cost of a 3x3x3 kernel) and
-  mixes time only at latent resolution; normalisation never mixes frames (GroupNorm per
-  frame, or the tiny preset's LayerNorm over each pixel's channels), so causality holds;
-  the posterior log-variance starts low (-6) and the output layer at mid-grey (zero),
-  which keeps early training stable.
+  its own (`time_kernel` 1, a third of the cost of a 3x3x3 kernel) at the finest and the
+  latent level and mixes time at the 4x4 level between them; normalisation never mixes
+  frames (GroupNorm per frame, or the tiny preset's LayerNorm over each pixel's channels),
+  so causality holds; the posterior log-variance starts low (-6) and the output layer at
+  mid-grey (zero), which keeps early training stable.
 - Down/up-sampling is space-to-depth / depth-to-space: a time step folds frames
   (2j-1, 2j) into latent j, with frame 0 repeated into the past for latent 0. With
   `shortcut` (DC-AE's residual autoencoding) a parameter-free path runs beside each one
@@ -495,6 +495,10 @@ class VAETrainConfig:
                                     # is the held-out evaluation; its train split is used if identities=0
     eval_root: str = ""             # held-out clips: this set's test split ("" = data_root's)
 
+    def window(self, cfg):
+        """Frames per training window for VAE config `cfg`: `frames`, or 1 + s_t when 0."""
+        return self.frames or 1 + cfg.temporal
+
 
 RENDER_FIRST = 1000                 # first identity index ClipBank.render uses (toy sets have fewer)
 
@@ -522,7 +526,8 @@ def lr_at(step, t):
     return t.lr * (t.min_lr + (1 - t.min_lr) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def vae_loss(model, video, mask=None, mouth_weight=8.0, kl_weight=1e-4, mse_weight=100.0):
+def vae_loss(model, video, mask=None, mouth_weight=VAETrainConfig.mouth_weight, kl_weight=VAETrainConfig.kl_weight,
+             mse_weight=VAETrainConfig.mse_weight):
     """L1 (+ mse_weight * squared error) reconstruction, weighted 1 + mouth_weight inside
     `mask` (B, 1, 1|T, H, W) if given, plus kl_weight * KL(q(z|x) || N(0, I)) per latent
     element. Returns (loss, parts)."""
@@ -634,7 +639,7 @@ def train_vae(cfg, out_dir="runs/vae_tiny", tcfg=None, device=None, resume=True,
     `banks` = (train, test) ClipBanks already in memory (else read from the data roots)."""
     t = replace(tcfg or VAETrainConfig(), **overrides)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    t = replace(t, frames=t.frames or 1 + cfg.temporal)
+    t = replace(t, frames=t.window(cfg))
     if (t.frames - 1) % cfg.temporal:
         raise ValueError(f"VAETrainConfig.frames={t.frames} must be 1 + {cfg.temporal}k")
     ckpt_path = Path(out_dir) / "ckpt.pt"

@@ -40,7 +40,7 @@ def step_seconds(cfg, t, train, args, warmup=10, timed=30):
         if i == warmup:
             sync()
             t0 = time.time()
-        video = train.batch(gen, args.batch, t.frames or 1 + cfg.temporal, args.device)
+        video = train.batch(gen, args.batch, t.window(cfg), args.device)
         loss, _ = V.vae_loss(model, video, V.mouth_region(video), t.mouth_weight, t.kl_weight, t.mse_weight)
         opt.zero_grad(set_to_none=True)
         loss.backward()
