@@ -62,7 +62,7 @@ def cmd_train(args):
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # 2-core machines stall without it
     from dataclasses import replace
     from minread.train import presets, train
-    overrides = {k: v for k, v in (("steps", args.dit_steps), ("vae_steps", args.vae_steps),
+    overrides = {k: v for k, v in (("steps", args.dit_steps), ("vae_steps", args.vae_steps), ("vae_minutes", args.vae_minutes),
                                    ("speech_steps", args.speech_steps), ("batch_size", args.batch_size),
                                    ("data_root", args.data_root), ("seed", args.seed)) if v is not None}
     tc = replace(presets(args.preset)[3], **overrides)
@@ -122,7 +122,9 @@ def build_parser():
     p.add_argument("--bundle", default=None, help="where the generation checkpoint goes (default OUT_DIR/model.pt)")
     p.add_argument("--restart", action="store_true", help="ignore existing checkpoints instead of resuming")
     p.add_argument("--dit-steps", type=int, default=None, help="A2V-DiT optimiser steps (default: the preset's)")
-    p.add_argument("--vae-steps", type=int, default=None, help="VAE steps (default: vae.py's recipe)")
+    p.add_argument("--vae-steps", type=int, default=None, help="VAE steps (default: vae.py's recipe; with a budget, at most)")
+    p.add_argument("--vae-minutes", type=float, default=None,
+                   help="VAE time budget, rendering included (default: vae.py's recipe, 19; 0: exactly --vae-steps)")
     p.add_argument("--speech-steps", type=int, default=None, help="SpeechAE steps (default: speech_ae.py's recipe)")
     p.add_argument("--batch-size", type=int, default=None, help="DiT windows per step and process (default: the preset's)")
     p.add_argument("--data-root", default=None, help="toy data set to train on (default data_toy)")

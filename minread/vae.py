@@ -29,11 +29,16 @@ reconstruction, following LTX-Video and DESIGN.md section 4:
   unit Gaussian. Latents for the DiT are standardised per channel
   with buffers fitted after training (`encode_latents` / `decode_latents`).
 - Data: frames within a clip are near-duplicates, so the recipe trains on many distinct
-  faces: 400 babble identities rendered in memory from the seed (none of them a toy set's
-  face), scored on the held-out identities of a rendered toy set's test split.
+  faces: 1600 babble identities rendered in memory from the seed (frames only, none of
+  them a toy set's face), scored on the held-out identities of a rendered toy set's test
+  split.
+- Optimiser: Muon (minread/optim.py) for every conv filter, AdamW for biases and norm
+  gains. At equal steps it beats AdamW by about 2 dB of held-out PSNR here.
+- Budget: the recipe is a wall-clock budget (19 minutes, rendering included), not a step
+  count: steps 20-60 are timed and the cosine schedule is cut to the steps that fit.
 
 Training, evaluation and checkpoints are plain functions at the bottom of this file:
-`vae_loss`, `train_vae` (explicit loop, atomic checkpoints, exact resume),
+`vae_loss`, `train_vae` (explicit loop, time budget, atomic checkpoints, exact resume),
 `evaluate_vae` (held-out PSNR and LipCorr) and `load_vae`.
 """
 
@@ -52,6 +57,7 @@ from tqdm import tqdm
 
 from minread.data import ToyClipDataset, load_checkpoint, render_clip, save_checkpoint
 from minread.metrics import lip_corr, mouth_mask, psnr, read_opening
+from minread.optim import Muon, split_params
 
 
 @dataclass
@@ -452,31 +458,41 @@ def count_parameters(cfg):
 
 @dataclass
 class VAETrainConfig:
-    """The tiny recipe. Measured inside `python -m minread train --stage all --preset tiny`
-    (2 threads) on data_toy's held-out identities (24 clips of 49 frames): 3000 steps of 24
-    five-frame windows in 17.3 min plus 0.9 min rendering the faces reach PSNR 28.0 dB and
-    LipCorr 0.955 (true frames 0.98). Before it, 3200 steps of 16 nine-frame windows with
-    per-frame convs at the 4x4 level too: 27.6 dB / 0.94 in 16.6 min; the preset before that
-    (GroupNorm, no shortcuts, squared error weighted 1, mouth weight 24): 23.2 dB / 0.92 in
-    3000 steps (14.3 min).
-    Equal-step runs (1000 steps, one thread each; held-out PSNR / LipCorr): that preset
-    20.85 / 0.21; LayerNorm over channels 21.25 / 0.23; squared error weighted 10, 30, 100:
-    22.35, 22.70, 22.81 / 0.69; mouth weight 8 instead of 24: 23.64 / 0.67 (0 gives up the
-    lips: 0.55 at step 500 against 0.92); per-frame convs at latent level too: 23.86 / 0.68;
-    shortcuts with widths (48, 96, 96): 25.13 / 0.95; 3x3x3 convs at the 4x4 level again:
-    25.28 / 0.954 (27.70 / 0.963 at 3200 steps). Five-frame windows instead of nine: 25.15 /
-    0.94 at batch 16 for 0.72x the step time, 26.15 / 0.93 at batch 32 for 1.19x (batch 24:
-    0.94x). Wider plain convs (96, 96, 128) gained 0.4 dB at step 500 for twice the step
-    time; peak lr 8e-3 lost 0.4 dB. On a GPU, in float32 (27.68 dB at 3200 steps, as on the
-    CPU), nine-frame windows: batch 32 +0.76 dB, 6400 steps +1.05, widths (64, 128, 128)
-    +0.60, two blocks per level +0.38, peak lr 2e-3 -0.28, squared error weighted 300 +0.0:
-    about +1 dB per doubling of compute, so 30 dB would take some five times what 20 CPU
-    minutes hold. Edges of the face, hair and eyes carry most of the error."""
-    steps: int = 3000               # optimiser steps (the LR schedule spans them)
+    """The tiny recipe: 19 minutes on a 2-core CPU, rendering included. Measured inside
+    `python -m minread train --stage all --preset tiny` (2 threads) on data_toy's held-out
+    identities (24 clips of 49 frames): 1600 faces rendered in 0.5 min, the probe timed a
+    step at 284 ms and planned 3922 steps of 24 five-frame windows, Muon for the filters:
+    held-out PSNR 30.6 dB, LipCorr 0.94 (true frames 0.98) in 19.3 min in all (500 steps:
+    26.7, 1000: 28.2, 2000: 29.5, 3000: 30.4). The plan now keeps 3% of the budget for the
+    evaluations and checkpoints that took those 0.3 minutes past 19.
+    Equal-step runs, 3000 steps (one thread each, two at a time; held-out PSNR / LipCorr):
+    AdamW on 400 faces (the recipe before) 27.96 / 0.955; AdamW on 1600 faces 28.39 / 0.953;
+    Muon on 400 faces 29.90 / 0.940 (step 500: 26.46 against AdamW's 24.02; on its own
+    training faces 31.18, the gap more faces close); Muon on 1600 faces 29.75 at step 2000
+    (on 400: 29.37). An EMA of the weights (0.999) gained 0.4-0.7 dB mid-run and nothing
+    at the end of the cosine schedule, so there is none.
+    Before Muon (AdamW; 1000 steps, one thread each unless said): GroupNorm, no shortcuts,
+    squared error weighted 1, mouth weight 24: 20.85 / 0.21 (23.2 / 0.92 at 3000 steps);
+    LayerNorm over channels 21.25; squared error weighted 10, 30, 100: 22.35, 22.70,
+    22.81 / 0.69; mouth weight 8: 23.64 / 0.67 (0 gives up the lips: 0.55 at step 500
+    against 0.92); shortcuts with widths (48, 96, 96): 25.13 / 0.95; 3x3x3 convs at the 4x4
+    level: 25.28 / 0.954. Five-frame windows instead of nine: 25.15 / 0.94 at batch 16 for
+    0.72x the step time (batch 24: 0.94x). Peak lr 8e-3 lost 0.4 dB, 2e-3 0.3. On a GPU at
+    3200 steps (27.68 dB, as on the CPU), nine-frame windows: batch 32 +0.76 dB, 6400 steps
+    +1.05, widths (64, 128, 128) +0.60, two blocks per level +0.38: about +1 dB per
+    doubling of compute, where Muon gave +1.9 dB for 1.3x the step time (its Newton-Schulz
+    iterations; 225 against 283-303 ms at batch 24 on 2 threads, measured side by side).
+    Edges of the face, hair and eyes carry most of the error."""
+    steps: int = 6000               # optimiser steps (the LR schedule spans them); with `minutes`, at most
+    minutes: float = 19.0           # wall-clock budget of the whole call, rendering included (0 = none):
+                                    # steps PROBE[0]..PROBE[1] are timed and the schedule is cut to the
+                                    # steps that fit (kept in the checkpoint, so a resumed run keeps it)
     batch_size: int = 24            # clips per step
     frames: int = 0                 # T per training window (1 + s_t*k); 0 = 1 + s_t: frame 0 and
                                     # one latent group (5 frames for tiny, 9 for small)
-    lr: float = 4e-3                # peak AdamW learning rate
+    optimizer: str = "muon"         # "muon": Muon for conv filters, AdamW for biases and norms (see
+                                    # minread/optim.py); "adamw": AdamW for everything
+    lr: float = 4e-3                # peak learning rate (Muon's steps are scaled to AdamW's size)
     warmup: int = 100               # linear warm-up steps, then cosine decay to lr * min_lr
     min_lr: float = 0.05
     weight_decay: float = 0.0
@@ -488,7 +504,7 @@ class VAETrainConfig:
     ckpt_every: int = 500
     eval_frames: int = 49           # T per held-out clip (1 + s_t*k, trimmed from each clip)
     seed: int = 0
-    identities: int = 400           # babble identities rendered in memory to train on (0 = use
+    identities: int = 1600          # babble identities rendered in memory to train on (0 = use
                                     # data_root's train split); from `seed`, past the first 1000
                                     # identities of every seed, so no toy set's face is trained on
     data_root: str = "data_toy"     # a rendered toy set (see data.render_dataset): its test split
@@ -501,11 +517,12 @@ class VAETrainConfig:
 
 
 RENDER_FIRST = 1000                 # first identity index ClipBank.render uses (toy sets have fewer)
+PROBE = (20, 60)                    # steps timed to fit a schedule to VAETrainConfig.minutes (in the warm-up)
 
 
 def _render_one(job):
     ident_seed, size = job
-    clip = render_clip(ident_seed, None, size=size, seed=ident_seed * 100, source="babble")
+    clip = render_clip(ident_seed, None, size=size, seed=ident_seed * 100, source="babble", audio=False)
     return clip["video"], clip["opening"]
 
 
@@ -629,6 +646,17 @@ def load_vae(path, cfg=None, device="cpu"):
     return model.eval()
 
 
+def make_optimizers(model, t):
+    """The optimisers of VAETrainConfig `t`: [Muon, AdamW] or [AdamW]."""
+    adamw = lambda params: torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay, betas=(0.9, 0.99))  # noqa: E731
+    if t.optimizer == "adamw":
+        return [adamw(model.parameters())]
+    if t.optimizer != "muon":
+        raise ValueError(f"VAETrainConfig.optimizer={t.optimizer!r}: use 'muon' or 'adamw'")
+    filters, rest = split_params(model)
+    return [Muon(filters, lr=t.lr, weight_decay=t.weight_decay), adamw(rest)]
+
+
 def train_vae(cfg, out_dir="runs/vae_tiny", tcfg=None, device=None, resume=True, until=None,
               banks=None, progress=True, **overrides):
     """Train the VAE on the toy world; returns a dict of figures. `overrides` set
@@ -644,26 +672,30 @@ def train_vae(cfg, out_dir="runs/vae_tiny", tcfg=None, device=None, resume=True,
         raise ValueError(f"VAETrainConfig.frames={t.frames} must be 1 + {cfg.temporal}k")
     ckpt_path = Path(out_dir) / "ckpt.pt"
     random.seed(t.seed), np.random.seed(t.seed), torch.manual_seed(t.seed)
-    t_render = time.time()
+    t_render = t_start = time.time()
     if banks is not None:
         train, test = banks
     else:
         test = ClipBank.load(t.eval_root or t.data_root, "test", cfg.image_size)
-        train = (ClipBank.render(t.identities, cfg.image_size, t.seed, progress=progress) if t.identities
+        train = (ClipBank.render(t.identities, cfg.image_size, t.seed, workers=torch.get_num_threads(),
+                                 progress=progress) if t.identities
                  else ClipBank.load(t.data_root, "train", cfg.image_size))
     data_minutes = (time.time() - t_render) / 60
     model = VAE(cfg).to(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=t.lr, weight_decay=t.weight_decay, betas=(0.9, 0.99))
+    opts = make_optimizers(model, t)
     gen = torch.Generator().manual_seed(t.seed)                      # batch sampling
     step, history = 0, []
+    planned = t.steps if not t.minutes or t.steps <= PROBE[1] else None   # None: fixed after the probe
     if resume and ckpt_path.is_file():
         ckpt = load_checkpoint(ckpt_path, map_location=device)
         diff = config_diff(ckpt["vae_config"], cfg) + config_diff(ckpt["train_config"], t)
         if diff:
             raise ValueError(f"{ckpt_path} holds a run with other settings ({'; '.join(diff)}); "
                              f"choose another out_dir or pass resume=False")
-        model.load_state_dict(ckpt["model"]), opt.load_state_dict(ckpt["optimizer"])
-        step, history = ckpt["step"], ckpt["history"]
+        model.load_state_dict(ckpt["model"])
+        for opt, state in zip(opts, ckpt["optimizers"]):
+            opt.load_state_dict(state)
+        step, history, planned = ckpt["step"], ckpt["history"], ckpt.get("planned_steps", planned)
         gen.set_state(ckpt["rng"]["batches"]), torch.set_rng_state(ckpt["rng"]["torch"])
         if device.type == "cuda" and ckpt["rng"].get("cuda") is not None:
             torch.cuda.set_rng_state(ckpt["rng"]["cuda"])
@@ -671,39 +703,51 @@ def train_vae(cfg, out_dir="runs/vae_tiny", tcfg=None, device=None, resume=True,
     def save():
         rng = {"batches": gen.get_state(), "torch": torch.get_rng_state(),
                "cuda": torch.cuda.get_rng_state() if device.type == "cuda" else None}
-        save_checkpoint(ckpt_path, dict(model=model.state_dict(), optimizer=opt.state_dict(), step=step, rng=rng,
-                                        vae_config=asdict(cfg), train_config=asdict(t), history=history))
+        save_checkpoint(ckpt_path, dict(model=model.state_dict(), optimizers=[o.state_dict() for o in opts], step=step, rng=rng,
+                                        vae_config=asdict(cfg), train_config=asdict(t), history=history, planned_steps=planned))
 
-    stop = t.steps if until is None else min(until, t.steps)
+    sched = replace(t, steps=planned or t.steps)                     # the schedule this run follows
+    probe_from, t_probe = max(PROBE[0], step), time.time()           # (a resumed run may start inside it)
     model.train()
     t0 = time.time()
-    bar = tqdm(total=stop, initial=step, disable=not progress, desc="vae", dynamic_ncols=True)
-    while step < stop:
-        lr = lr_at(step, t)
-        for group in opt.param_groups:
-            group["lr"] = lr
+    bar = tqdm(total=sched.steps, initial=step, disable=not progress, desc="vae", dynamic_ncols=True)
+    while step < min(sched.steps, until or sched.steps):
+        lr = lr_at(step, sched)
         video = train.batch(gen, t.batch_size, t.frames, device)
         mask = mouth_region(video) if t.mouth_weight else None
         loss, parts = vae_loss(model, video, mask, t.mouth_weight, t.kl_weight, t.mse_weight)
-        opt.zero_grad(set_to_none=True)
+        model.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
-        opt.step()
+        for opt in opts:
+            for group in opt.param_groups:
+                group["lr"] = lr
+            opt.step()
         step += 1
         bar.update(1)
         bar.set_postfix(loss=f"{loss.item():.4f}", l1=f"{parts['l1']:.4f}", kl=f"{parts['kl']:.2f}", lr=f"{lr:.1e}")
-        if step % t.eval_every == 0 or step == t.steps:
+        if planned is None and step == probe_from:
+            t_probe = time.time()
+        if planned is None and step == PROBE[1]:                      # cut the schedule to the budget
+            per_step = (time.time() - t_probe) / (PROBE[1] - probe_from)
+            left = 0.97 * (t.minutes * 60 - (time.time() - t_start))    # 3%: evaluations, checkpoints
+            planned = min(t.steps, step + max(0, int(left / per_step)))
+            sched = replace(t, steps=planned)
+            bar.total = planned
+            bar.write(f"budget {t.minutes:g} min: {per_step * 1e3:.0f} ms per step -> {planned} steps")
+        if step % t.eval_every == 0 or step == sched.steps:
             ev = evaluate_vae(model, test, t.eval_frames)
             history.append({"step": step, "loss": loss.item(), "minutes": (time.time() - t0) / 60, **ev})
             bar.write(f"step {step}: held-out PSNR {ev['psnr']:.2f} dB, LipCorr {ev['lip_corr']:.3f} "
                       f"(true frames {ev['lip_corr_true_frames']:.3f}), l1 {parts['l1']:.4f}")
-        if step == t.steps:                                           # fit the DiT's latent scaling
+        if step == sched.steps:                                       # fit the DiT's latent scaling
             model.eval()
             g = torch.Generator().manual_seed(t.seed + 1)
             model.fit_latent_norm(train.batch(g, t.batch_size, t.frames, device) for _ in range(16))
             model.train()
-        if step % t.ckpt_every == 0 or step == stop:
+        if step % t.ckpt_every == 0 or step in (sched.steps, until):
             save()
     bar.close()
-    return {"step": step, "minutes": (time.time() - t0) / 60, "data_minutes": data_minutes, "checkpoint": str(ckpt_path),
+    return {"step": step, "planned_steps": sched.steps, "minutes": (time.time() - t0) / 60,
+            "data_minutes": data_minutes, "checkpoint": str(ckpt_path),
             **(history[-1] if history else {})}

@@ -16,7 +16,7 @@
 # The training step calls minread.train.train() directly: the command line equivalent,
 # `python -m minread train --stage all --preset small --out-dir $OUT_DIR --restart --vae-steps N
 # --speech-steps N --dit-steps N --batch-size B --data-root DATA`, has no flag for the VAE's face bank
-# (400 faces rendered on one core: minutes) or for forcing the CPU, which this short check needs.
+# (1600 faces rendered: minutes) or for forcing the CPU, which this short check needs.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 

@@ -1,8 +1,9 @@
 """The small-preset VAE (128 px, 32x32x8, C = 64) on one GPU: held-out PSNR and LipCorr
 against training time.
 
-    python scripts/gpu_vae_small.py                         # 400 faces, 1400 steps at batch 32
+    python scripts/gpu_vae_small.py                         # 400 faces, 1400 steps at batch 32, Muon
     python scripts/gpu_vae_small.py --minutes 5             # as many steps as 5 minutes hold
+    python scripts/gpu_vae_small.py --optimizer adamw       # the optimiser of the figures below
     python scripts/gpu_vae_small.py --identities 1600 --steps 6000 --out runs/vae_small
     python scripts/gpu_vae_small.py --device cpu --identities 4 --steps 2 --workers 1   # smoke run
 
@@ -10,7 +11,8 @@ The faces are rendered in memory first, on every core (`ClipBank.render(workers=
 before anything touches the GPU. The held-out evaluation is data_toy's test split
 (identities no face bank holds). Prints one line per evaluation and a summary.
 
-Measured on an H200 (torch 2.11): a run whose schedule held 1394 steps at batch 32 (GPU
+Measured on an H200 (torch 2.11) with AdamW, before Muon became the recipe's optimiser
+(not yet measured on a GPU): a run whose schedule held 1394 steps at batch 32 (GPU
 shared with other jobs, 3.6 min of training + 0.4 min rendering) reached held-out PSNR
 30.03 dB and LipCorr 0.934 (true frames 0.994); alone, a step takes 27 ms. A longer
 schedule on the same 400 faces overfits: 9374 steps in 5.2 min ended at 29.49 dB (29.53 at
@@ -29,36 +31,18 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from minread import vae as V  # noqa: E402
 
 
-def step_seconds(cfg, t, train, args, warmup=10, timed=30):
-    """Seconds per training step of this config on this device (a throwaway model)."""
-    import torch
-    model = V.VAE(cfg).to(args.device)
-    opt = torch.optim.AdamW(model.parameters(), lr=t.lr)
-    gen = torch.Generator().manual_seed(0)
-    sync = torch.cuda.synchronize if args.device == "cuda" else (lambda: None)
-    for i in range(warmup + timed):
-        if i == warmup:
-            sync()
-            t0 = time.time()
-        video = train.batch(gen, args.batch, t.window(cfg), args.device)
-        loss, _ = V.vae_loss(model, video, V.mouth_region(video), t.mouth_weight, t.kl_weight, t.mse_weight)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-    sync()
-    return (time.time() - t0) / timed
-
-
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--identities", type=int, default=400, help="faces rendered to train on")
     ap.add_argument("--workers", type=int, default=os.cpu_count(), help="processes rendering them")
     ap.add_argument("--steps", type=int, default=None, help="optimiser steps (default 1400; with --minutes, at most)")
     ap.add_argument("--minutes", type=float, default=None,
-                    help="fit the run to this many minutes of training: a 30-step probe times a step, and "
-                         "the schedule spans the steps that fit (at most --steps)")
+                    help="fit the run to this many minutes of training: train_vae times steps 20-60 and cuts "
+                         "the schedule to the steps that fit (at most --steps)")
     ap.add_argument("--batch", type=int, default=32)
-    ap.add_argument("--evals", type=int, default=4, help="held-out evaluations along the run")
+    ap.add_argument("--optimizer", default=V.VAETrainConfig.optimizer, choices=["muon", "adamw"])
+    ap.add_argument("--evals", type=int, default=4, help="held-out evaluations along a run of --steps")
+    ap.add_argument("--eval-every", type=int, default=250, help="steps between evaluations with --minutes")
     ap.add_argument("--data", default="data_toy", help="toy set whose test split is held out")
     ap.add_argument("--out", default="runs/vae_small_gpu")
     ap.add_argument("--device", default="cuda")
@@ -70,17 +54,14 @@ def main():
     render_min = (time.time() - t0) / 60
     print(f"rendered {args.identities} faces at {cfg.image_size} px in {render_min:.1f} min ({args.workers} workers)",
           flush=True)
-    if args.minutes:
-        per_step = step_seconds(cfg, t, train, args)
-        args.steps = max(1, min(args.steps or 10**9, int(args.minutes * 60 / per_step * 0.93)))  # 7%: evaluations
-        print(f"probe: {per_step * 1e3:.0f} ms per step -> {args.steps} steps in {args.minutes} min", flush=True)
-    args.steps = args.steps or 1400
+    steps = args.steps or (10**6 if args.minutes else 1400)
     t1 = time.time()
     stats = V.train_vae(cfg, out_dir=args.out, device=args.device, resume=False, banks=(train, test),
-                        progress=False, identities=args.identities, steps=args.steps, batch_size=args.batch,
-                        eval_every=max(1, args.steps // args.evals), ckpt_every=args.steps)
+                        progress=False, identities=args.identities, steps=steps, minutes=args.minutes or 0.0,
+                        batch_size=args.batch, optimizer=args.optimizer, ckpt_every=steps,
+                        eval_every=args.eval_every if args.minutes else max(1, steps // args.evals))
     train_min = (time.time() - t1) / 60
-    print(f"small VAE: {args.steps} steps at batch {args.batch} in {train_min:.1f} min (+ {render_min:.1f} min "
+    print(f"small VAE ({args.optimizer}): {stats['step']} steps at batch {args.batch} in {train_min:.1f} min (+ {render_min:.1f} min "
           f"rendering): held-out PSNR {stats['psnr']:.2f} dB, LipCorr {stats['lip_corr']:.3f} (true frames "
           f"{stats['lip_corr_true_frames']:.3f}); targets PSNR >= 30 dB, LipCorr >= 0.90 in <= 10 min of training")
 

@@ -216,6 +216,16 @@ def test_video_writer_muxes_audio(tmp_path):
     assert abs(len(audio) - len(clip["audio"])) < 2048
 
 
+def test_frames_only_babble_renders_the_same_frames():
+    full = data.render_clip(4, None, size=32, seed=7, source="babble")
+    quick = data.render_clip(4, None, size=32, seed=7, source="babble", audio=False)
+    assert quick["audio"] is None and full["audio"].std() > 0.01
+    assert np.array_equal(quick["video"], full["video"])
+    for k in ("opening", "spread", "blink", "head"):
+        assert np.array_equal(quick[k], full[k]), k
+    assert quick["phones"] == full["phones"]
+
+
 def test_load_image_crops_and_resizes(tmp_path):
     frame = data.render_clip(3, None, size=64, seed=0, source="babble")["video"][:1]
     wide = np.concatenate([np.zeros((1, 64, 16, 3), np.uint8), frame, np.zeros((1, 64, 16, 3), np.uint8)], 2)

@@ -263,6 +263,25 @@ def test_train_resume_is_exact_and_checkpoint_loads(toy_root, tmp_path):
     assert torch.equal(model.latent_std, a["model"]["latent_std"]) and not torch.all(model.latent_std == 1)
 
 
+def test_time_budget_cuts_the_schedule_and_a_resume_keeps_it(toy_root, tmp_path):
+    kw = dict(steps=500, minutes=1e-4, batch_size=1, frames=5, eval_every=1000, eval_frames=5,
+              identities=2, data_root=str(toy_root), progress=False)       # 6 ms: spent by the probe's end
+    first = V.train_vae(_micro(), tmp_path, **kw)
+    assert first["step"] == first["planned_steps"] == V.PROBE[1] < 500
+    stored = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    assert stored["planned_steps"] == V.PROBE[1]
+    assert stored["history"][-1]["step"] == V.PROBE[1]                    # evaluated at the cut schedule's end
+    assert not torch.all(stored["model"]["latent_std"] == 1)              # and the latent scaling fitted
+    again = V.train_vae(_micro(), tmp_path, **kw)                         # resumed: the plan is kept
+    assert again["step"] == again["planned_steps"] == V.PROBE[1]
+    V.train_vae(_micro(), tmp_path / "cut", until=V.PROBE[0] + 10, **kw)  # interrupted inside the probe
+    assert torch.load(tmp_path / "cut" / "ckpt.pt", weights_only=True)["planned_steps"] is None
+    resumed = V.train_vae(_micro(), tmp_path / "cut", **kw)               # times the rest of it
+    assert resumed["step"] == resumed["planned_steps"] == V.PROBE[1]
+    with pytest.raises(ValueError, match="minutes"):                      # another budget is another run
+        V.train_vae(_micro(), tmp_path, **{**kw, "minutes": 100.0})
+
+
 def test_load_refuses_another_config(toy_root, tmp_path):
     cfg = _micro()
     V.train_vae(cfg, tmp_path, steps=1, batch_size=1, frames=5, eval_every=10, data_root=str(toy_root),
