@@ -469,7 +469,7 @@ def render_clip(identity, text=None, size=64, seed=0, source="espeak", voice=Non
     `closed`, `blink` (T,), `head` (T, 2), plus `phones` (label, t0, t1) in seconds of
     speech (add `offset` for seconds of the clip), `voice`, `text`. With frames=False
     `video` is None (speech and truth only, several times faster); with audio=False and
-    babble, `audio` is None (frames and truth only, the same frames, 3x faster).
+    babble, `audio` is None (frames and truth only, the same frames, 4x faster).
     """
     if not isinstance(identity, Identity):
         identity = sample_identity(int(identity))

@@ -41,12 +41,13 @@ def main():
                     help="fit the run to this many minutes of training: train_vae times steps 20-60 and cuts "
                          "the schedule to the steps that fit (at most --steps)")
     ap.add_argument("--batch", type=int, default=32)
-    ap.add_argument("--optimizer", default=V.VAETrainConfig.optimizer, choices=["muon", "adamw"])
+    ap.add_argument("--optimizer", default=V.VAETrainConfig.optimizer, choices=["muon", "adamw"],
+                    help="Muon for the conv filters (the recipe's) or AdamW for everything")
     ap.add_argument("--evals", type=int, default=4, help="held-out evaluations along a run of --steps")
     ap.add_argument("--eval-every", type=int, default=250, help="steps between evaluations with --minutes")
     ap.add_argument("--data", default="data_toy", help="toy set whose test split is held out")
-    ap.add_argument("--out", default="runs/vae_small_gpu")
-    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--out", default="runs/vae_small_gpu", help="folder of the checkpoint")
+    ap.add_argument("--device", default="cuda", help="cuda, or cpu for a smoke run")
     args = ap.parse_args()
     cfg, t = V.small(), V.VAETrainConfig()
     t0 = time.time()
