@@ -430,20 +430,20 @@ def train(stage="all", preset="tiny", out_dir=None, resume=True, until=None, bun
                        "set TrainConfig.extra_clips=0")
     log = log or make_logger(out / "train.log", d.master)
     vae_path, sae_path = out / "vae" / "ckpt.pt", out / "speech_ae.pt"
-    steps = lambda n: {} if n is None else {"steps": n}  # noqa: E731
+    given = lambda **kw: {k: v for k, v in kw.items() if v is not None}  # noqa: E731  (None: the module's recipe)
     stats, t0 = {}, time.time()
     log(f"{time.strftime('%Y-%m-%d %H:%M:%S')} train stage={stage} preset={preset} processes={d.world_size} "
         f"threads={torch.get_num_threads()} torch={torch.__version__}\n  vae {asdict(vae_cfg)}\n  "
         f"speech_ae {asdict(speech_cfg)}\n  dit {asdict(dit_cfg)}\n  train {asdict(tc)}")
     if stage in ("vae", "all") and d.master:
         stats["vae"] = vae_mod.train_vae(vae_cfg, out_dir=out / "vae", device=d.device, resume=resume,
-                                         data_root=tc.data_root, seed=tc.seed, **steps(tc.vae_steps),
-                                         **({} if tc.vae_minutes is None else {"minutes": tc.vae_minutes}))
+                                         data_root=tc.data_root, seed=tc.seed,
+                                         **given(steps=tc.vae_steps, minutes=tc.vae_minutes))
         log(f"vae: {stats['vae']}")
     if stage in ("speech_ae", "all") and d.master:
         stats["speech_ae"] = sae_mod.train_speech_ae(speech_cfg, out=sae_path, data_root=tc.data_root,
                                                      seed=tc.seed, resume=resume, log=log,
-                                                     **steps(tc.speech_steps))
+                                                     **given(steps=tc.speech_steps))
         log(f"speech_ae: { {k: v for k, v in stats['speech_ae'].items() if k != 'history'} }")
     if d.ddp:
         dist.barrier()

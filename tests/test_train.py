@@ -272,3 +272,14 @@ def test_two_process_torchrun_keeps_gradients_in_sync(toy, tmp_path):
 def test_dit_stage_needs_the_encoders(tmp_path):
     with pytest.raises(FileNotFoundError, match="--stage vae"):
         tr.train("dit", out_dir=tmp_path, **micro(tmp_path))
+
+
+def test_vae_budget_and_steps_reach_train_vae(monkeypatch, tmp_path):
+    """TrainConfig.vae_steps / vae_minutes go to train_vae; None leaves vae.py's recipe."""
+    seen = []
+    monkeypatch.setattr(vae, "train_vae", lambda cfg, **kw: seen.append(kw) or {"step": 0})
+    kw = micro(tmp_path / "data")
+    tr.train("vae", out_dir=tmp_path, **kw)
+    tr.train("vae", out_dir=tmp_path, **{**kw, "tc": tr.replace(kw["tc"], vae_steps=None, vae_minutes=0.0)})
+    assert seen[0]["steps"] == 4 and "minutes" not in seen[0]
+    assert seen[1]["minutes"] == 0.0 and "steps" not in seen[1]
