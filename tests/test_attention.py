@@ -268,4 +268,35 @@ def test_cuda_bench_times_unmasked_sdpa_kernels(capsys):
                 "--math-max-length", "1"])
     row = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["rows"][0]
     assert row["sdpa_flash"]["ms"] > 0 and row["sdpa_nomask"]["ms"] > 0
+    assert row["flex"]["queued_ms"] > 0 and row["flex"]["host_ms"] > 0
+    assert row["flex/sdpa queued"] == pytest.approx(row["flex"]["queued_ms"] / row["sdpa"]["queued_ms"])
     assert row["sdpa_nomask_backend"] in ("FLASH_ATTENTION", "EFFICIENT_ATTENTION", "CUDNN_ATTENTION", "MATH")
+
+
+def test_bench_queued_timing_divides_event_time_by_calls(monkeypatch):
+    """timeit_queued (CUDA): calls issued back to back, one event pair per round; the
+    GPU figure is the events' elapsed time over the calls, the host figure the issue time."""
+    from minread.bench import attention as bench
+
+    class Event:  # stands in for torch.cuda.Event: 20 ms between a round's start and end
+        clock = 0.0
+
+        def __init__(self, enable_timing):
+            assert enable_timing
+
+        def record(self):
+            Event.clock += 20.0
+            self.t = Event.clock
+
+        def elapsed_time(self, end):
+            return end.t - self.t
+
+    calls = []
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+    gpu_ms, host_ms = bench.timeit_queued(lambda: calls.append(1), seconds_per_call=0.004, budget_s=0.1)
+    assert len(calls) == 3 * 25                       # 0.1 s / 4 ms = 25 calls a round, 3 rounds
+    assert gpu_ms == pytest.approx(20.0 / 25)         # 20 ms of events over 25 calls
+    assert 0 < host_ms < 5
+    gpu_ms, _ = bench.timeit_queued(lambda: None, seconds_per_call=1.0)
+    assert gpu_ms == pytest.approx(20.0 / 10)         # never fewer than 10 calls a round

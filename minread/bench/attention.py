@@ -19,6 +19,14 @@ Masks, with N = 16 tokens per latent frame (tiny and small presets):
                  speech token per frame, so its cross-attention is short; N speech tokens
                  per frame make the same band pattern long enough to measure sparsity.)
 
+Timings: "ms" is the median time of one call, waited for (the host issues the call and
+waits until the device has finished it). On CUDA two more figures per call: "queued"
+(calls issued back to back and waited for once, timed with CUDA events: the GPU's time
+per call when the host runs ahead of it, as in a training loop) and "host" (the host's
+time to issue one call: Python, dispatch, compiled-code guards, kernel launches). Where
+host work before a call's first kernel is a large share, as for compiled flex fwd+bwd
+below 8k tokens, the waited-for time counts it on every call and queued does not.
+
 Memory: on CUDA the peak of torch.cuda.max_memory_allocated during the call, above the
 inputs. On CPU torch does not track its allocations, so we report the sizes of what
 each path materialises: the dense (Lq, Lkv) bool mask for sdpa, mask + float scores for
@@ -76,6 +84,29 @@ def timeit(fn, device, min_time=0.2, max_reps=50):
         sync(device)
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
+
+
+def timeit_queued(fn, seconds_per_call, budget_s=0.05):
+    """CUDA: (GPU ms, host ms) per call with calls queued back to back and waited for once,
+    timed by CUDA events: the GPU's time per call when the host runs ahead of it, as in a
+    training loop, and the host's time to issue one call (Python, dispatch, guards, launches).
+    `timeit` waits for every call, so it adds whatever host work comes before a call's
+    first kernel to each call; queued, that work overlaps the GPU's and is hidden wherever
+    the GPU is the slower of the two (where the host is slower, GPU ms ~ host ms)."""
+    reps = max(10, min(200, int(budget_s / max(seconds_per_call, 1e-6))))
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    gpu, host = [], []
+    for _ in range(3):
+        torch.cuda.synchronize()
+        start.record()
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            fn()
+        host.append((time.perf_counter() - t0) / reps)
+        end.record()
+        torch.cuda.synchronize()
+        gpu.append(start.elapsed_time(end) / 1e3 / reps)
+    return statistics.median(gpu) * 1e3, statistics.median(host) * 1e3
 
 
 def peak_bytes(fn, device):
@@ -137,8 +168,9 @@ def run_case(impl, mask, q, k, v, backward):
 
 
 def measure(impl, mask, lq, lkv, args, backward):
-    """One timing: (ms, memory bytes, compile seconds or None). impl "flex@i" is flex with
-    the i-th --kernel-options setting."""
+    """One timing: {"ms": per call, each waited for; on CUDA also "queued_ms" and "host_ms"
+    (timeit_queued); "mem_mb"; for flex "compile_s"}. impl "flex@i" is flex with the i-th
+    --kernel-options setting."""
     device, dtype = args.device, args.dtype
     if impl.startswith("flex"):
         A.KERNEL_OPTIONS.clear()
@@ -159,10 +191,14 @@ def measure(impl, mask, lq, lkv, args, backward):
         sync(device)
         compile_s = time.perf_counter() - t0
     seconds = timeit(fn, device)
+    out = {"ms": seconds * 1e3}
+    if device == "cuda":
+        out["queued_ms"], out["host_ms"] = timeit_queued(fn, seconds)
     mem = peak_bytes(fn, device)
-    if mem is None:
-        mem = cpu_bytes(impl, mask, args.batch, args.heads, lq, lkv)
-    return seconds * 1e3, mem, compile_s
+    out["mem_mb"] = (cpu_bytes(impl, mask, args.batch, args.heads, lq, lkv) if mem is None else mem) / 2**20
+    if compile_s is not None:
+        out["compile_s"] = compile_s
+    return out
 
 
 def tiny_dit_calls(args):
@@ -188,6 +224,14 @@ def tiny_dit_calls(args):
 
 def fmt(x, unit=""):
     return "-" if x is None else f"{x:.2f}{unit}"
+
+
+def timing_text(fig):
+    """One impl's timings for the progress line: "0.80ms" or, on CUDA, "0.80ms (queued 0.52, host 0.31)"."""
+    if "ms" not in fig:
+        return "ERR"
+    return fmt(fig["ms"], "ms") + (f" (queued {fmt(fig['queued_ms'])}, host {fmt(fig['host_ms'])})"
+                                   if "queued_ms" in fig else "")
 
 
 def main(argv=None):
@@ -288,38 +332,38 @@ def run(args, lengths, masks, modes, flexes, math_max, budget, cuda):
                         skipped.append(f"{L} {mname} {mode} {impl}")
                         continue
                     try:
-                        ms, mem, comp = measure(impl, mask, L, L, args, mode == "fwd+bwd")
-                        row[impl] = {"ms": ms, "mem_mb": mem / 2**20}
-                        if comp is not None:
-                            row[impl]["compile_s"] = comp
+                        row[impl] = measure(impl, mask, L, L, args, mode == "fwd+bwd")
                     except Exception as e:  # e.g. out of memory: report it, keep going
                         row[impl] = {"error": f"{type(e).__name__}: {str(e)[:120]}"}
                     if cuda:
                         torch.cuda.empty_cache()
-                ms = {i: row[i].get("ms") for i in impls if i in row}
-                for f in flexes:
-                    for base in ("sdpa", "sdpa_nomask", "sdpa_flash", "sdpa_cudnn"):
-                        if ms.get(f) and ms.get(base):
-                            row[f"{f}/{base}"] = ms[f] / ms[base]
+                for timing, suffix in (("ms", ""), ("queued_ms", " queued")):
+                    ms = {i: row[i].get(timing) for i in impls if i in row}
+                    for f in flexes:
+                        for base in ("sdpa", "sdpa_nomask", "sdpa_flash", "sdpa_cudnn"):
+                            if ms.get(f) and ms.get(base):
+                                row[f"{f}/{base}{suffix}"] = ms[f] / ms[base]
                 figures["rows"].append(row)
                 print(f"  L={L:6d} {mname:12s} {mode:8s} " + "  ".join(
-                    f"{i} {fmt(row[i].get('ms'), 'ms') if 'ms' in row[i] else 'ERR'}"
-                    for i in impls if i in row) + "  " + "  ".join(
+                    f"{i} {timing_text(row[i])}" for i in impls if i in row) + "  " + "  ".join(
                     f"{r} {fmt(row[r])}" for r in row if "/" in r)
                     + (f"  (sdpa_nomask = {row['sdpa_nomask_backend']})" if "sdpa_nomask_backend" in row else ""),
                     flush=True)
 
+    queued = " flex / sdpa queued ms | flex/sdpa queued | flex host ms |" if cuda else ""
     print("\n| L | mask | tiles computed | mode | flex | flex ms | sdpa ms | math ms | sdpa no-mask ms "
-          "| flex/sdpa | flex MB | sdpa MB | math MB |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+          f"| flex/sdpa |{queued} flex MB | sdpa MB | math MB |")
+    print("|---" * (13 + 3 * cuda) + "|")
     for r in sorted(figures["rows"], key=lambda r: (r["length"], args.masks.index(r["mask"]), r["mode"])):
         get = lambda i, f: r.get(i, {}).get(f)  # noqa: E731
         for f in flexes:
             if f not in r and f != "flex":
                 continue
+            q = (f" {fmt(get(f, 'queued_ms'))} / {fmt(get('sdpa', 'queued_ms'))} | {fmt(r.get(f + '/sdpa queued'))} "
+                 f"| {fmt(get(f, 'host_ms'))} |" if cuda else "")
             print(f"| {r['length']} | {r['mask']} | {fmt(r['tile_density'] and 100 * r['tile_density'], '%')} "
                   f"| {r['mode']} | {f} | {fmt(get(f, 'ms'))} | {fmt(get('sdpa', 'ms'))} | {fmt(get('math', 'ms'))} "
-                  f"| {fmt(get('sdpa_nomask', 'ms'))} | {fmt(r.get(f + '/sdpa'))} | {fmt(get(f, 'mem_mb'))} "
+                  f"| {fmt(get('sdpa_nomask', 'ms'))} | {fmt(r.get(f + '/sdpa'))} |{q} {fmt(get(f, 'mem_mb'))} "
                   f"| {fmt(get('sdpa', 'mem_mb'))} | {fmt(get('math', 'mem_mb'))} |")
     if len(flexes) > 1:
         print("kernel options: " + "; ".join(f"{f} {json.dumps(o)}" for f, o in zip(flexes, args.kernel_options)))
