@@ -295,7 +295,7 @@ def test_bench_queued_timing_divides_event_time_by_calls(monkeypatch):
     monkeypatch.setattr(torch.cuda, "Event", Event)
     monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
     gpu_ms, host_ms = bench.timeit_queued(lambda: calls.append(1), seconds_per_call=0.004, budget_s=0.1)
-    assert len(calls) == 3 * 25                       # 0.1 s / 4 ms = 25 calls a round, 3 rounds
+    assert len(calls) == 3 * (1 + 25)                 # 0.1 s / 4 ms = 25 timed calls a round after one untimed
     assert gpu_ms == pytest.approx(20.0 / 25)         # 20 ms of events over 25 calls
     assert 0 < host_ms < 5
     gpu_ms, _ = bench.timeit_queued(lambda: None, seconds_per_call=1.0)
