@@ -492,12 +492,14 @@ def render_clip(identity, text=None, size=64, seed=0, source="espeak", voice=Non
     lead = int(rng.uniform(*LEAD) * SAMPLE_RATE)
     tail = int(rng.uniform(*TAIL) * SAMPLE_RATE)
     T = math.ceil((lead + len(speech) + tail) / HOP)
-    wave = (3e-4 * rng.standard_normal(T * HOP)).astype(np.float32)       # a quiet noise floor
-    wave[lead:lead + len(speech)] += voice.gain * speech / (np.abs(speech).max() + 1e-8)
+    wave = None
+    if audio:
+        wave = (3e-4 * rng.standard_normal(T * HOP)).astype(np.float32)   # a quiet noise floor
+        wave[lead:lead + len(speech)] += voice.gain * speech / (np.abs(speech).max() + 1e-8)
     tracks = mouth_tracks(phones, T, offset=lead / SAMPLE_RATE)
     blink, head = blinks_and_head(seed, T)
     video = render_frames(identity, tracks["opening"], tracks["spread"], blink, head, size) if frames else None
-    return dict(video=video, audio=wave if audio else None, blink=blink, head=head, **tracks, phones=phones,
+    return dict(video=video, audio=wave, blink=blink, head=head, **tracks, phones=phones,
                 offset=lead / SAMPLE_RATE, voice=asdict(voice), text=text or "",
                 identity=asdict(identity))
 
