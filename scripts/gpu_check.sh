@@ -38,6 +38,8 @@ LONG_SECONDS=${LONG_SECONDS:-20}   # length of the long-video check (10 s window
 # KERNEL_SWEEP='{"ROWS_GUARANTEED_SAFE":true} {"bwd_BLOCK_M1":64,"bwd_BLOCK_N1":64,"bwd_BLOCK_M2":64,"bwd_BLOCK_N2":64}'
 KERNEL_SWEEP=${KERNEL_SWEEP:-}
 AUTOTUNE=${AUTOTUNE:-0}            # 1: also time flex with compiler-chosen tiles (max_autotune) at 8k
+ATTN_BATCH=${ATTN_BATCH:-4}        # also time the 8k full and clip-causal masks at this batch (more kernel
+                                   # programs than batch 1 keeps SMs busy under the causal mask); 0 = skip
 export OMP_WAIT_POLICY=PASSIVE MPLBACKEND=Agg PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 mkdir -p "$OUT_DIR"
 exec > >(tee "$OUT_DIR/gpu_check.log") 2>&1
@@ -82,6 +84,10 @@ python -c "import parselmouth" 2>/dev/null || echo "(praat-parselmouth absent: o
 if [[ $DEVICE == cuda ]]; then
   step "pytest -m gpu (attention, DiT CUDA graphs)" 180 python -m pytest -q -m gpu tests/test_attention.py tests/test_dit.py
   step "bench attention --device cuda" 200 python -m minread.bench attention --device cuda --budget-s 120
+  if (( ATTN_BATCH > 0 )); then
+    step "bench attention at batch $ATTN_BATCH" 150 python -m minread.bench attention --device cuda \
+      --lengths 8192 --masks full clip_causal --math-max-length 1 --batch "$ATTN_BATCH" --budget-s 100
+  fi
   if [[ -n $KERNEL_SWEEP ]]; then
     # shellcheck disable=SC2086  # one argument per JSON object
     step "bench attention, kernel settings side by side" 200 python -m minread.bench attention --device cuda \
