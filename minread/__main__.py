@@ -62,9 +62,10 @@ def cmd_train(args):
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # 2-core machines stall without it
     from dataclasses import replace
     from minread.train import presets, train
-    overrides = {k: v for k, v in (("steps", args.dit_steps), ("vae_steps", args.vae_steps), ("vae_minutes", args.vae_minutes),
-                                   ("speech_steps", args.speech_steps), ("batch_size", args.batch_size),
-                                   ("data_root", args.data_root), ("seed", args.seed)) if v is not None}
+    overrides = {k: v for k, v in (("steps", args.dit_steps), ("vae_steps", args.vae_steps),
+                                   ("vae_minutes", args.vae_minutes), ("speech_steps", args.speech_steps),
+                                   ("batch_size", args.batch_size), ("data_root", args.data_root),
+                                   ("seed", args.seed)) if v is not None}
     tc = replace(presets(args.preset)[3], **overrides)
     import torch.distributed as dist
     try:

@@ -672,7 +672,7 @@ def train_vae(cfg, out_dir="runs/vae_tiny", tcfg=None, device=None, resume=True,
         raise ValueError(f"VAETrainConfig.frames={t.frames} must be 1 + {cfg.temporal}k")
     ckpt_path = Path(out_dir) / "ckpt.pt"
     random.seed(t.seed), np.random.seed(t.seed), torch.manual_seed(t.seed)
-    t_render = t_start = time.time()
+    t_start = time.time()                                            # the budget counts from here
     if banks is not None:
         train, test = banks
     else:
@@ -680,7 +680,7 @@ def train_vae(cfg, out_dir="runs/vae_tiny", tcfg=None, device=None, resume=True,
         train = (ClipBank.render(t.identities, cfg.image_size, t.seed, workers=torch.get_num_threads(),
                                  progress=progress) if t.identities
                  else ClipBank.load(t.data_root, "train", cfg.image_size))
-    data_minutes = (time.time() - t_render) / 60
+    data_minutes = (time.time() - t_start) / 60
     model = VAE(cfg).to(device)
     opts = make_optimizers(model, t)
     gen = torch.Generator().manual_seed(t.seed)                      # batch sampling
